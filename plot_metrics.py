@@ -1,0 +1,69 @@
+"""Draw the training-loss curves of one or more runs to a PNG.
+
+    python plot_metrics.py vanilla.pretrain.params.metrics.jsonl synthesizer.pretrain.params.metrics.jsonl \
+        --output pretrain_loss.png [--x step|epoch|wall_s|tokens]
+
+Each input is the JSONL metrics file that src/run.py writes beside the params
+(one line per optimizer step). Needs matplotlib (an optional dependency).
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def read_metrics(path):
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def smooth(values, window):
+    """Trailing mean over `window` points, to make noisy per-step losses readable."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('metrics', nargs='+', help='metrics JSONL files')
+    parser.add_argument('--output', required=True, help='PNG file to write')
+    parser.add_argument('--x', choices=['step', 'epoch', 'wall_s', 'tokens'], default='step', help='x axis')
+    parser.add_argument('--smooth', type=int, default=20, help='trailing-mean window in steps (1: raw)')
+    parser.add_argument('--title', default='training loss')
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit('plot_metrics.py needs matplotlib: pip install matplotlib')
+    for path in args.metrics:
+        if not os.path.isfile(path):
+            sys.exit(f'no metrics file at {path}: train with src/run.py first (it writes PARAMS.metrics.jsonl)')
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for path in args.metrics:
+        rows = read_metrics(path)
+        x = [r[args.x] / (60 if args.x == 'wall_s' else 1) for r in rows]
+        label = os.path.basename(path).replace('.params.metrics.jsonl', '')
+        ax.plot(x, smooth([r['loss'] for r in rows], max(1, args.smooth)), label=label)
+    ax.set_xlabel({'wall_s': 'wall time (min)'}.get(args.x, args.x))
+    ax.set_ylabel('loss (mean over non-pad targets)')
+    ax.set_yscale('log')
+    ax.set_title(args.title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = args.output + '.tmp.png'
+    fig.savefig(tmp)
+    os.replace(tmp, args.output)
+    print(f'Plot written to {args.output}')
+
+
+if __name__ == '__main__':
+    main()
