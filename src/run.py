@@ -8,14 +8,25 @@
 
 The hyperparameters of every run live in RECIPES below; `--recipe laptop`
 picks a CPU-sized one, and the override flags change single settings.
+
+Every input is checked (src/checks.py) before anything is trained or written:
+a bad one ends the run with one line on stderr and exit status 2 (a flag
+mistake) or 1 (a file that cannot be used). Output files are written whole or
+not at all. Pretraining and finetuning keep a training checkpoint, saved every
+--checkpoint_minutes and on Ctrl-C, which prints the command (this one plus
+--resume) that continues the run.
 """
 import argparse
 import os
+import shlex
+import shutil
+import signal
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checks  # noqa: E402
 import dataset  # noqa: E402
 import model  # noqa: E402
 import trainer  # noqa: E402
@@ -25,10 +36,16 @@ BLOCK_SIZE = 128
 EVAL_STEPS = 32  # characters greedily decoded per question
 
 
-def faithful_recipe(n_documents):
-    """The original assignment's settings."""
+def faithful_recipe(n_documents, device):
+    """The original assignment's settings.
+
+    num_workers: the original's 4 on a GPU; 0 on a CPU, where building a batch
+    costs under 0.1% of a step and worker processes only compete for the cores
+    (bench/data_loader.py).
+    """
     final_tokens = 200 * n_documents * BLOCK_SIZE
-    schedule = dict(lr_decay=True, warmup_tokens=512 * 20, final_tokens=final_tokens, num_workers=0)
+    num_workers = 4 if device.type == 'cuda' else 0
+    schedule = dict(lr_decay=True, warmup_tokens=512 * 20, final_tokens=final_tokens, num_workers=num_workers)
     return {
         'model': dict(n_layer=4, n_head=8, n_embd=256),
         'pretrain': dict(max_epochs=650, batch_size=128, learning_rate=6e-3, **schedule),
@@ -37,16 +54,16 @@ def faithful_recipe(n_documents):
     }
 
 
-def laptop_recipe(n_documents):
-    """A recipe sized for a 2-core CPU: a narrower dropout-free model, bf16 and length-sorted chunks."""
-    recipe = faithful_recipe(n_documents)
+def laptop_recipe(n_documents, device):
+    """A recipe sized for a 2-core CPU: a narrower dropout-free model and length-sorted chunks."""
+    recipe = faithful_recipe(n_documents, device)
     pretrain_epochs = 300
     recipe['model'] = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
     recipe['pretrain'].update(max_epochs=pretrain_epochs, warmup_tokens=20 * 128 * 127,
                               final_tokens=pretrain_epochs * n_documents * (BLOCK_SIZE - 1),
-                              precision='bf16', chunks=4)
+                              precision='auto', chunks=4)
     for key in ('finetune_scratch', 'finetune_pretrained'):
-        recipe[key].update(precision='bf16', chunks=2)
+        recipe[key].update(precision='auto', chunks=2)
     return recipe
 
 
@@ -68,8 +85,15 @@ OVERRIDES = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit status 2), not the usage text."""
+
+    def error(self, message):
+        self.exit(checks.USAGE, f'{self.prog}: error: {message}; see --help\n')
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog='run.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('function', choices=['pretrain', 'finetune', 'evaluate'],
                         help='whether to pretrain, finetune or evaluate a model')
     parser.add_argument('variant', choices=['vanilla', 'synthesizer'], help='which attention to use')
@@ -87,14 +111,25 @@ def build_parser():
     extra.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     extra.add_argument('--device', help="torch device, e.g. 'cpu' or 'cuda' (default: CUDA when present)")
     extra.add_argument('--compile', action='store_true', help='torch.compile the model')
-    extra.add_argument('--metrics_path', help='JSONL of per-step metrics (default: WRITING_PARAMS_PATH.metrics.jsonl)')
+    extra.add_argument('--metrics_path', help='JSONL of per-step metrics (default: WRITING_PARAMS_PATH.metrics.jsonl; '
+                                              'rewritten by a fresh run, appended to by a resumed one)')
     extra.add_argument('--quiet', action='store_true', help='no progress bars')
+    resume = parser.add_argument_group('interruption and resume (pretrain and finetune)')
+    resume.add_argument('--resume', action='store_true',
+                        help='continue the interrupted run whose training checkpoint is at --checkpoint_path; '
+                             'give the same arguments as that run (Ctrl-C prints the exact command)')
+    resume.add_argument('--checkpoint_path',
+                        help='training checkpoint: model, optimizer, counters and RNG states (default: '
+                             'WRITING_PARAMS_PATH.ckpt); it is deleted once the params are written')
+    resume.add_argument('--checkpoint_minutes', type=float, default=10,
+                        help='minutes between training checkpoints (default 10; 0: after every step); '
+                             'Ctrl-C or SIGTERM also saves one, after the current step')
     return parser
 
 
-def settings_for(args, n_documents):
+def settings_for(args, n_documents, device):
     """(model settings, trainer settings) of this run: the recipe, then the overrides."""
-    recipe = RECIPES[args.recipe](n_documents)
+    recipe = RECIPES[args.recipe](n_documents, device)
     model_settings = dict(recipe['model'])
     if args.function == 'pretrain':
         train_settings = dict(recipe['pretrain'])
@@ -118,11 +153,37 @@ def read_text(path):
         return f.read()
 
 
+def checkpoint_path_of(args):
+    return args.checkpoint_path or args.writing_params_path + '.ckpt'
+
+
+def metrics_path_of(args):
+    return args.metrics_path or args.writing_params_path + '.metrics.jsonl'
+
+
+def output_paths(args):
+    """(flag, path) for every file this run writes."""
+    if args.function == 'evaluate':
+        return [('--outputs_path', args.outputs_path)]
+    return [('--writing_params_path', args.writing_params_path), ('--metrics_path', metrics_path_of(args)),
+            ('--checkpoint_path', checkpoint_path_of(args))]
+
+
+def input_paths(args):
+    """(flag, path) for every file this run reads."""
+    used = {'PRETRAIN_CORPUS_PATH': args.pretrain_corpus_path, '--reading_params_path': args.reading_params_path,
+            '--finetune_corpus_path': args.finetune_corpus_path if args.function == 'finetune' else None,
+            '--eval_corpus_path': args.eval_corpus_path if args.function == 'evaluate' else None}
+    return [(flag, path) for flag, path in used.items() if path]
+
+
 def build_model(args, vocab_size, model_settings, device):
+    """The GPT of this run, with the --reading_params_path params (checked to fit) when given."""
     config = model.GPTConfig(vocab_size, BLOCK_SIZE, synthesizer=args.variant == 'synthesizer', **model_settings)
     gpt = model.GPT(config)
     if args.reading_params_path:
-        state = torch.load(args.reading_params_path, map_location='cpu', weights_only=True)
+        state = checks.load_tensors(args.reading_params_path, '--reading_params_path')
+        checks.check_params(state, gpt, args.variant, args.reading_params_path, args.pretrain_corpus_path)
         gpt.load_state_dict(state)
     return gpt.to(device)
 
@@ -135,32 +196,81 @@ def describe(args, device, model_settings, train_settings):
     return f'{args.function} {args.variant}: ' + ' '.join(items)
 
 
-def train(args, gpt, train_dataset, train_settings, device):
-    metrics_path = args.metrics_path or args.writing_params_path + '.metrics.jsonl'
-    config = trainer.TrainerConfig(metrics_path=metrics_path, compile=args.compile,
-                                   show_progress=not args.quiet, **train_settings)
-    trainer.Trainer(gpt, train_dataset, None, config, device=device).train()
-    torch.save(gpt.state_dict(), args.writing_params_path)
+def resume_checkpoint(args, info):
+    """With --resume, the checkpoint to continue from; without, None (and no checkpoint may be in the way)."""
+    path = checkpoint_path_of(args)
+    if not args.resume:
+        if os.path.exists(path):
+            raise checks.BadInput(f'a checkpoint of an interrupted run is at {path}: add --resume to continue it, '
+                                  f'or delete it to start afresh', checks.USAGE)
+        return None
+    checkpoint, changed = checks.read_checkpoint(path, info)
+    if changed:
+        print(f"warning: resuming with training settings other than the checkpoint's: {'; '.join(changed)}",
+              file=sys.stderr)
+    return checkpoint
+
+
+def train(args, gpt, train_dataset, train_settings, device, info=None, checkpoint=None):
+    """Train (from `checkpoint` when resuming), write the params, then delete the training checkpoint."""
+    metrics_path, checkpoint_path = metrics_path_of(args), checkpoint_path_of(args)
+    config = trainer.TrainerConfig(metrics_path=metrics_path, compile=args.compile, show_progress=not args.quiet,
+                                   checkpoint_path=checkpoint_path, checkpoint_minutes=args.checkpoint_minutes,
+                                   checkpoint_info=info, **train_settings)
+    t = trainer.Trainer(gpt, train_dataset, None, config, device=device)
+    if checkpoint is not None:
+        t.resume(checkpoint)
+        print(f'Resuming from {checkpoint_path}: epoch {t.epoch + 1}, step {t.step}', flush=True)
+    t.train()
+    with utils.atomic_write(args.writing_params_path) as temporary:
+        torch.save(gpt.state_dict(), temporary)
+    if os.path.exists(checkpoint_path):
+        os.remove(checkpoint_path)
     print(f'Params written to {args.writing_params_path}; metrics in {metrics_path}')
 
 
-def predict(gpt, pretrain_dataset, questions, device, show_progress):
-    """The place predicted for each question: the text between the first and second MASK."""
-    mask = pretrain_dataset.MASK_CHAR
-    prompts = [[pretrain_dataset.stoi[c] for c in q + mask] for q in questions]
-    continuations = utils.greedy_decode(gpt, prompts, EVAL_STEPS, device=device, show_progress=show_progress)
+def predict(gpt, pretrain_dataset, questions, device, show_progress, skip=()):
+    """The place predicted for each question: the text between the first and second MASK.
+
+    Questions whose index is in `skip` get ''. A prompt too long for the cached
+    decoder goes through utils.sample, which crops the context to the block
+    size as the original evaluation did.
+    """
+    mask, stoi, itos = pretrain_dataset.MASK_CHAR, pretrain_dataset.stoi, pretrain_dataset.itos
+    prompts = {i: [stoi[c] for c in q + mask] for i, q in enumerate(questions) if i not in skip}
+    fits = [i for i, p in prompts.items() if len(p) + EVAL_STEPS - 1 <= gpt.get_block_size()]
+    decoded = utils.greedy_decode(gpt, [prompts[i] for i in fits], EVAL_STEPS, device=device,
+                                  show_progress=show_progress)
+    continuations = dict(zip(fits, decoded))
+    for i, prompt in prompts.items():
+        if i not in continuations:
+            x = torch.tensor([prompt], dtype=torch.long, device=device)
+            continuations[i] = utils.sample(gpt, x, EVAL_STEPS)[0, len(prompt):].tolist()
     predictions = []
-    for q, continuation in zip(questions, continuations):
-        completion = q + mask + ''.join(pretrain_dataset.itos[i] for i in continuation)
-        predictions.append(completion.split(mask)[1])
+    for i, q in enumerate(questions):
+        if i in continuations:
+            completion = q + mask + ''.join(itos[t] for t in continuations[i])
+            predictions.append(completion.split(mask)[1])
+        else:
+            predictions.append('')
     return predictions
 
 
-def evaluate(args, gpt, pretrain_dataset, device):
-    with open(args.eval_corpus_path, encoding='utf-8') as f:
-        questions = [line.rstrip('\r\n').split('\t')[0] for line in f]
-    predictions = predict(gpt, pretrain_dataset, questions, device, show_progress=not args.quiet)
-    with open(args.outputs_path, 'w', encoding='utf-8') as fout:
+def read_questions(args, pretrain_dataset):
+    """The eval questions and {index: characters the vocabulary lacks}; the synthesizer's length limit checked."""
+    max_positions = BLOCK_SIZE - 1 if args.variant == 'synthesizer' else None
+    return checks.read_questions(args.eval_corpus_path, pretrain_dataset.stoi, max_positions, EVAL_STEPS)
+
+
+def evaluate(args, gpt, pretrain_dataset, device, questions=None, unknown=None):
+    """Predict a place for every question, write them whole, then print the accuracy."""
+    if questions is None:
+        questions, unknown = read_questions(args, pretrain_dataset)
+    for index, chars in sorted(unknown.items()):
+        print(f'warning: {args.eval_corpus_path} line {index + 1}: {", ".join(map(repr, chars))} not in the '
+              f'vocabulary of {args.pretrain_corpus_path}; predicting an empty string', file=sys.stderr)
+    predictions = predict(gpt, pretrain_dataset, questions, device, show_progress=not args.quiet, skip=unknown)
+    with utils.atomic_write(args.outputs_path) as temporary, open(temporary, 'w', encoding='utf-8') as fout:
         for p in predictions:
             fout.write(p + '\n')
     total, correct = utils.evaluate_places(args.eval_corpus_path, predictions)
@@ -170,22 +280,78 @@ def evaluate(args, gpt, pretrain_dataset, device):
         print(f'Predictions written to {args.outputs_path}; no targets provided')
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    utils.set_seed(args.seed)
-    device = trainer.resolve_device(args.device)
-    pretrain_dataset = dataset.CharCorruptionDataset(read_text(args.pretrain_corpus_path), BLOCK_SIZE)
-    model_settings, train_settings = settings_for(args, len(pretrain_dataset))
-    print(describe(args, device, model_settings, train_settings), flush=True)
-    gpt = build_model(args, pretrain_dataset.vocab_size, model_settings, device)
+def run(args):
+    """Check every input, then pretrain, finetune or evaluate as `args` say."""
+    checks.check_flags(args)
+    device = checks.check_device(args.device)
+    corpus = checks.read_text(args.pretrain_corpus_path, 'PRETRAIN_CORPUS_PATH')
+    checks.check_corpus(corpus, args.pretrain_corpus_path)
+    pretrain_dataset = dataset.CharCorruptionDataset(corpus, BLOCK_SIZE)
+    model_settings, train_settings = settings_for(args, len(pretrain_dataset), device)
+    checks.check_settings(model_settings, train_settings)
+    checks.check_outputs(output_paths(args), input_paths(args))
 
-    if args.function == 'pretrain':
-        train(args, gpt, pretrain_dataset, train_settings, device)
-    elif args.function == 'finetune':
-        finetune_dataset = dataset.NameDataset(pretrain_dataset, read_text(args.finetune_corpus_path))
-        train(args, gpt, finetune_dataset, train_settings, device)
-    else:
-        evaluate(args, gpt, pretrain_dataset, device)
+    if args.function == 'evaluate':
+        questions, unknown = read_questions(args, pretrain_dataset)
+        utils.set_seed(args.seed)
+        gpt = build_model(args, pretrain_dataset.vocab_size, model_settings, device)
+        print(describe(args, device, model_settings, train_settings), flush=True)
+        evaluate(args, gpt, pretrain_dataset, device, questions, unknown)
+        return
+
+    train_dataset, texts = pretrain_dataset, [corpus]
+    if args.function == 'finetune':
+        finetune_text = checks.read_text(args.finetune_corpus_path, '--finetune_corpus_path')
+        train_dataset = dataset.NameDataset(pretrain_dataset, finetune_text)
+        checks.check_finetune(train_dataset, args.finetune_corpus_path, args.pretrain_corpus_path)
+        texts.append(finetune_text)
+    info = dict(function=args.function, variant=args.variant, data=checks.data_digest(*texts),
+                model=model_settings, train=train_settings)
+    checkpoint = resume_checkpoint(args, info)
+    utils.set_seed(args.seed)
+    gpt = build_model(args, pretrain_dataset.vocab_size, model_settings, device)
+    print(describe(args, device, model_settings, train_settings), flush=True)
+    train(args, gpt, train_dataset, train_settings, device, info, checkpoint)
+
+
+def resume_command(argv):
+    """The shell command that continues this run: the same arguments plus --resume."""
+    python = sys.executable
+    if shutil.which('python') and os.path.abspath(shutil.which('python')) == os.path.abspath(python):
+        python = 'python'
+    script = os.path.relpath(os.path.abspath(__file__))
+    return shlex.join([python, script] + list(argv) + ([] if '--resume' in argv else ['--resume']))
+
+
+def main(argv=None):
+    """The command line; a bad input ends in one line on stderr and exit status 2 (flags) or 1 (files)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    training = args.function != 'evaluate' and bool(args.writing_params_path)
+    checkpoint_path = checkpoint_path_of(args) if training else None
+    try:
+        run(args)
+    except checks.BadInput as e:
+        print(f'run.py: error: {e}', file=sys.stderr)
+        sys.exit(e.code)
+    except trainer.TrainingInterrupted as e:
+        print(f'Interrupted ({e.signal_name}) at step {e.step}; checkpoint saved to {e.path}. '
+              f'Resume with: {resume_command(argv)}', file=sys.stderr)
+        sys.exit(128 + signal.Signals[e.signal_name].value)
+    except KeyboardInterrupt:
+        if checkpoint_path and os.path.exists(checkpoint_path):
+            print(f'Interrupted; the last checkpoint, {checkpoint_path}, is intact. '
+                  f'Resume with: {resume_command(argv)}', file=sys.stderr)
+        elif training:
+            print('Interrupted before any checkpoint was saved; no params were written', file=sys.stderr)
+        else:
+            print('Interrupted; no predictions were written', file=sys.stderr)
+        sys.exit(130)
+    except Exception:
+        if checkpoint_path and os.path.exists(checkpoint_path):
+            print(f'The last training checkpoint is {checkpoint_path}; once the problem below is fixed, '
+                  f'resume with: {resume_command(argv)}', file=sys.stderr)
+        raise
 
 
 if __name__ == '__main__':

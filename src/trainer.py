@@ -4,15 +4,32 @@ Speed options (all off or automatic in ways that keep the math): bf16
 autocast, fused AdamW, torch.compile, and trimming of all-pad columns, which
 with `chunks > 1` also sorts each batch by length and runs it as several
 trimmed pieces whose summed loss equals the batch's mean loss.
+
+Long runs survive interruption: with `checkpoint_path` set, the whole training
+state (model, optimizer, epoch/step/token counters, every RNG and the data
+order) is saved there every `checkpoint_minutes` and when Ctrl-C (or SIGTERM)
+arrives, which then ends train() with TrainingInterrupted. A new Trainer given
+`resume(load_training_checkpoint(path))` continues so that, on a CPU, the run
+ends with exactly the parameters an uninterrupted one would have.
 """
 import json
 import math
 import os
+import random
+import signal
+import sys
+import threading
 import time
+import warnings
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+import utils
+
+CHECKPOINT_FORMAT = 'birthplace training checkpoint v1'
 
 
 class TrainerConfig:
@@ -38,6 +55,10 @@ class TrainerConfig:
     compile = False        # torch.compile the model
     metrics_path = None    # JSONL file with one line of metrics per optimizer step
     show_progress = True
+    checkpoint_path = None    # training checkpoint (full state, for resume), saved periodically and on Ctrl-C
+    checkpoint_minutes = 10   # minutes between training checkpoints (0: after every step)
+    checkpoint_info = None    # dict stored in every training checkpoint (run.py: which run it belongs to)
+    on_step = None            # called as on_step(trainer) after every optimizer step
 
     def __init__(self, **kwargs):
         for k, v in kwargs.items():
@@ -107,6 +128,119 @@ def split_batch(x, y, chunks, trim):
     return pieces
 
 
+class TrainingInterrupted(Exception):
+    """Raised by Trainer.train() on Ctrl-C or SIGTERM, once the training checkpoint is saved."""
+
+    def __init__(self, signal_name, step, epoch, path):
+        super().__init__(f'{signal_name} at step {step} (epoch {epoch + 1}); checkpoint saved to {path}')
+        self.signal_name = signal_name
+        self.step = step
+        self.epoch = epoch
+        self.path = path
+
+
+class StopRequest:
+    """Inside `with`, the first Ctrl-C (or SIGTERM) only records itself in `signal_name`.
+
+    The training loop looks at it after each step, so it can stop at a clean
+    point and save a checkpoint. The first signal puts the previous handler
+    back, so a second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.signal_name = None
+        self.previous = {}
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) != signal.SIG_IGN:  # e.g. nohup: leave ignored signals ignored
+                    self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum] or signal.SIG_DFL)
+        again = ' (Ctrl-C again quits at once, without saving)' if signum == signal.SIGINT else ''
+        print(f'\n{self.signal_name}: stopping after this step to save a checkpoint{again}',
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler or signal.SIG_DFL)
+        self.previous = {}
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker init: leave Ctrl-C and SIGTERM to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def rng_state():
+    """The Python, numpy and torch (CPU and CUDA) random states, in types weights_only loading accepts."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {'python': random.getstate(),
+             'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'position': int(position),
+                       'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)},
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned (the CUDA states only where the same GPUs are present)."""
+    random.setstate(state['python'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['position'],
+                         n['has_gauss'], n['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    cuda = state.get('cuda')
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def load_training_checkpoint(path):
+    """The training state a Trainer saved at `path`, loaded with weights_only=True.
+
+    Raises ValueError when the file loads but is not a training checkpoint.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
+        raise ValueError(f'{path} is not a training checkpoint')
+    return state
+
+
+def open_metrics(path, resumed_step=None):
+    """The metrics file, opened line-buffered: rewritten for a fresh run.
+
+    For a resumed run (resumed_step given), the lines after the checkpoint's
+    step (written before a crash) are dropped and the rest is appended to.
+    """
+    if path is None:
+        return None
+    if resumed_step is None:
+        return open(path, 'w', buffering=1)
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    step = json.loads(line)['step']
+                except (ValueError, KeyError, TypeError):
+                    break
+                if step > resumed_step:
+                    break
+                kept.append(line.rstrip('\n') + '\n')
+    with utils.atomic_write(path) as temporary, open(temporary, 'w') as f:
+        f.writelines(kept)
+    return open(path, 'a', buffering=1)
+
+
 class Trainer:
 
     def __init__(self, model, train_dataset, test_dataset, config, device=None):
@@ -118,18 +252,51 @@ class Trainer:
         self.model.to(self.device)
         self.tokens = 0  # counter used for learning rate decay
         self.step = 0
+        self.epoch = 0          # the epoch in progress, from 0
+        self.batches_done = 0   # batches of that epoch already trained on
+        self.elapsed = 0.0      # seconds of training up to the last training checkpoint
+        self.optimizer = None
+        # The shuffling (and DataLoader worker seeds) come from a generator of
+        # their own, whose state at each epoch start goes into checkpoints.
+        self.data_generator = torch.Generator()
+        self.data_generator.manual_seed(int(torch.randint(2 ** 62, (1,))))
+        self.epoch_start_state = self.data_generator.get_state()
+        self.resume_state = None
 
     def save_checkpoint(self):
+        """The original's per-epoch save of the state dict to config.ckpt_path."""
         if self.config.ckpt_path is not None:
-            torch.save(self.model.state_dict(), self.config.ckpt_path)
+            with utils.atomic_write(self.config.ckpt_path) as temporary:
+                torch.save(self.model.state_dict(), temporary)
+
+    def save_training_checkpoint(self, path):
+        """Everything needed to continue the run exactly, written atomically to `path`."""
+        state = {'format': CHECKPOINT_FORMAT, 'info': self.config.checkpoint_info,
+                 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                 'epoch': self.epoch, 'batches_done': self.batches_done,
+                 'step': self.step, 'tokens': self.tokens, 'elapsed': self.elapsed,
+                 'epoch_start_state': self.epoch_start_state, 'rng': rng_state()}
+        with utils.atomic_write(path) as temporary:
+            torch.save(state, temporary)
+
+    def resume(self, checkpoint):
+        """Take the model and counters from a training checkpoint; the next train() continues its run."""
+        self.model.load_state_dict(checkpoint['model'])
+        self.epoch, self.batches_done = checkpoint['epoch'], checkpoint['batches_done']
+        self.step, self.tokens, self.elapsed = checkpoint['step'], checkpoint['tokens'], checkpoint['elapsed']
+        self.resume_state = checkpoint
 
     def train(self):
         model, config = self.model, self.config
-        optimizer = make_optimizer(model, config, self.device)
+        optimizer = self.optimizer = make_optimizer(model, config, self.device)
+        resume, self.resume_state = self.resume_state, None
+        if resume is not None:
+            optimizer.load_state_dict(resume['optimizer'])
         amp_dtype = autocast_dtype(config.precision, self.device)
         forward = torch.compile(model) if config.compile else model
-        metrics = open(config.metrics_path, 'w') if config.metrics_path else None
-        start_time = time.time()
+        metrics = open_metrics(config.metrics_path, resume['step'] if resume is not None else None)
+        start_time = time.time() - self.elapsed
+        last_save = time.time()
 
         def run_batch(x, y):
             """Forward and backward over the batch's pieces; returns the batch's mean loss."""
@@ -142,12 +309,34 @@ class Trainer:
                 total += loss_sum.item()
             return total / n_targets
 
-        def run_epoch(epoch):
+        def epoch_batches(skip):
+            """This epoch's shuffled batches from batch `skip` on, the generator at the epoch's start.
+
+            In one process the trained batches are just left out; DataLoader
+            workers draw their examples in sequence, so they replay them.
+            """
+            order = torch.randperm(len(self.train_dataset), generator=self.data_generator).tolist()
+            workers = config.num_workers
+            left_out = skip if workers == 0 else 0
+            loader = DataLoader(self.train_dataset, sampler=order[left_out * config.batch_size:],
+                                batch_size=config.batch_size, num_workers=workers,
+                                generator=self.data_generator, pin_memory=self.device.type == 'cuda',
+                                worker_init_fn=ignore_stop_signals if workers > 0 else None)
+            batches = iter(loader)
+            for _ in range(skip - left_out):
+                next(batches)
+            return batches
+
+        def run_epoch(epoch, stop, skip=0, rng=None):
+            """Train on one epoch's batches from batch `skip` on; True once max_steps is reached."""
+            nonlocal last_save
             model.train(True)
-            loader = DataLoader(self.train_dataset, shuffle=True, batch_size=config.batch_size,
-                                num_workers=config.num_workers, pin_memory=self.device.type == 'cuda')
-            pbar = tqdm(enumerate(loader), total=len(loader), disable=not config.show_progress)
-            for it, (x, y) in pbar:
+            batches = epoch_batches(skip)
+            if rng is not None:
+                set_rng_state(rng)
+            n_batches = math.ceil(len(self.train_dataset) / config.batch_size)
+            pbar = tqdm(batches, initial=skip, total=n_batches, disable=not config.show_progress)
+            for it, (x, y) in enumerate(pbar, start=skip):
                 step_start = time.time()
                 x, y = x.to(self.device), y.to(self.device)
                 model.zero_grad(set_to_none=True)
@@ -155,6 +344,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_norm_clip)
                 optimizer.step()
                 self.step += 1
+                self.batches_done = it + 1
                 batch_tokens = y.numel()  # (y >= 0).sum(): pads count
                 # The schedule is applied after the step, as in the original.
                 if config.lr_decay:
@@ -171,18 +361,40 @@ class Trainer:
                         'step': self.step, 'epoch': epoch + 1, 'tokens': self.tokens, 'loss': loss, 'lr': lr,
                         'tokens_per_s': batch_tokens / max(now - step_start, 1e-9),
                         'wall_s': now - start_time}) + '\n')
+                if config.on_step is not None:
+                    config.on_step(self)
                 if config.max_steps is not None and self.step >= config.max_steps:
                     return True
+                if config.checkpoint_path is not None and (
+                        stop.signal_name or time.time() - last_save >= config.checkpoint_minutes * 60):
+                    self.elapsed = time.time() - start_time
+                    self.save_training_checkpoint(config.checkpoint_path)
+                    last_save = time.time()
+                if stop.signal_name:
+                    pbar.close()
+                    raise TrainingInterrupted(stop.signal_name, self.step, epoch, config.checkpoint_path)
             return False
 
         try:
-            for epoch in range(config.max_epochs):
-                done = run_epoch(epoch)
-                if self.test_dataset is not None:
-                    self.evaluate_loss(amp_dtype)
-                self.save_checkpoint()
-                if done:
-                    break
+            with StopRequest(enabled=config.checkpoint_path is not None) as stop:
+                first_epoch = self.epoch if resume is not None else 0
+                for epoch in range(first_epoch, config.max_epochs):
+                    if config.max_steps is not None and self.step >= config.max_steps:
+                        break
+                    resuming = resume is not None and epoch == first_epoch
+                    if resuming:
+                        self.data_generator.set_state(resume['epoch_start_state'])
+                    self.epoch, self.epoch_start_state = epoch, self.data_generator.get_state()
+                    if resuming:
+                        done = run_epoch(epoch, stop, resume['batches_done'], resume['rng'])
+                    else:
+                        self.batches_done = 0
+                        done = run_epoch(epoch, stop)
+                    if self.test_dataset is not None:
+                        self.evaluate_loss(amp_dtype)
+                    self.save_checkpoint()
+                    if done:
+                        break
         finally:
             if metrics:
                 metrics.close()

@@ -3,10 +3,13 @@
 `sample` is the simple reference decoder: one batch, the whole context re-run
 for every new token. `greedy_decode` is the fast one used by evaluation:
 prompts of equal length decoded together with a key/value cache, giving the
-same tokens as `sample` (tests hold them equal).
+same tokens as `sample` (tests hold them equal). `atomic_write` is how every
+output file is written: complete, or not at all.
 """
+import os
 import random
 from collections import defaultdict
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -87,20 +90,61 @@ def greedy_decode(model, prompts, steps, device='cpu', batch_size=512, show_prog
     return outputs
 
 
+def read_gold_places(filepath):
+    """Field 2 of every line of a TSV file, or None when its first line has no second field.
+
+    Lines are stripped first (so CRLF endings and a missing final newline read
+    the same); a line without a place in a file whose first line has one is a
+    ValueError naming the line.
+    """
+    with open(filepath, encoding='utf-8-sig') as fin:
+        lines = [x.strip().split('\t') for x in fin]
+    if len(lines) == 0 or len(lines[0]) == 1:
+        return None
+    for number, fields in enumerate(lines, 1):
+        if len(fields) < 2:
+            raise ValueError(f'{filepath} line {number} has no place after a tab, though line 1 has one')
+    return [x[1] for x in lines]
+
+
 def evaluate_places(filepath, predicted_places):
     """(total, correct) as floats: predictions compared exactly with field 2 of each TSV line.
 
     A file whose lines have no second field has no gold places: that is
     reported and (0, 0) returned.
     """
-    with open(filepath, encoding='utf-8') as fin:
-        lines = [x.strip().split('\t') for x in fin]
-    if len(lines) == 0 or len(lines[0]) == 1:
+    true_places = read_gold_places(filepath)
+    if true_places is None:
         print('No gold birth places provided; returning (0,0)')
         return (0, 0)
-    true_places = [x[1] for x in lines]
     total = len(true_places)
     if total != len(predicted_places):
         raise ValueError(f'{filepath} has {total} lines but there are {len(predicted_places)} predictions')
     correct = len(list(filter(lambda x: x[0] == x[1], zip(true_places, predicted_places))))
     return (float(total), float(correct))
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside `path`; it is renamed onto `path` only if the block succeeds.
+
+    On any failure, Ctrl-C included, the temporary file is removed and the file
+    already at `path` stays as it was, so no reader ever sees half a file. The
+    data is flushed to disk before the rename. A path that exists but is not a
+    regular file (/dev/null, a pipe) is written in place.
+    """
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        yield path
+        return
+    folder, name = os.path.split(target)
+    temporary = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+    try:
+        yield temporary
+        with open(temporary, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

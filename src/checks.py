@@ -1,0 +1,310 @@
+"""Checks of the command line's inputs, all made before anything is trained or written.
+
+Each problem raises BadInput carrying one line that says what is wrong and
+what to do; run.py prints it and exits with its code: USAGE (2) for a mistake
+in the flags, BAD_FILE (1) for a file that cannot be used.
+"""
+import hashlib
+import os
+import re
+import warnings
+
+import torch
+
+import dataset
+import trainer
+import utils
+
+USAGE = 2
+BAD_FILE = 1
+
+# The flags each function needs.
+REQUIRED = {
+    'pretrain': ['writing_params_path'],
+    'finetune': ['finetune_corpus_path', 'writing_params_path'],
+    'evaluate': ['reading_params_path', 'eval_corpus_path', 'outputs_path'],
+}
+
+
+class BadInput(Exception):
+    """A bad input: the message is one line for the user, `code` the exit status."""
+
+    def __init__(self, message, code=BAD_FILE):
+        super().__init__(' '.join(str(message).split('\n')))
+        self.code = code
+
+
+def first_line(error):
+    """The first non-empty line of an exception's message."""
+    lines = [line.strip() for line in str(error).split('\n') if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+# --- flags and settings ---------------------------------------------------
+
+def check_flags(args):
+    """The flags the chosen function needs are there, and --resume only where it means something."""
+    missing = ['--' + name for name in REQUIRED[args.function] if not getattr(args, name)]
+    if missing:
+        raise BadInput(f"{args.function} needs {' and '.join(missing)}; see --help", USAGE)
+    if args.function == 'evaluate' and args.resume:
+        raise BadInput('--resume continues an interrupted pretrain or finetune run; evaluate has nothing to resume',
+                       USAGE)
+    if args.checkpoint_minutes is not None and args.checkpoint_minutes < 0:
+        raise BadInput(f'--checkpoint_minutes must be 0 or more, got {args.checkpoint_minutes}', USAGE)
+
+
+def check_settings(model_settings, train_settings):
+    """The recipe with its overrides describes a model and a run that can exist."""
+    settings = {**model_settings, **train_settings}
+    for name in ('n_layer', 'n_head', 'n_embd', 'batch_size', 'max_epochs', 'max_steps', 'chunks'):
+        value = settings.get(name)
+        if value is not None and value < 1:
+            raise BadInput(f'--{name} must be at least 1, got {value}', USAGE)
+    if settings['n_embd'] % settings['n_head'] != 0:
+        raise BadInput(f"--n_embd {settings['n_embd']} is not divisible by --n_head {settings['n_head']}: "
+                       f"each head gets n_embd / n_head dimensions", USAGE)
+    if settings.get('learning_rate', 1) <= 0:
+        raise BadInput(f"--learning_rate must be positive, got {settings['learning_rate']}", USAGE)
+    if settings.get('num_workers', 0) < 0:
+        raise BadInput(f"--num_workers must be 0 or more, got {settings['num_workers']}", USAGE)
+    for name in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
+        if not 0 <= settings.get(name, 0) < 1:
+            raise BadInput(f'--dropout must be in [0, 1), got {settings[name]}', USAGE)
+    if settings.get('precision', 'fp32') not in ('fp32', 'bf16', 'auto'):
+        raise BadInput(f"--precision must be 'fp32', 'bf16' or 'auto', got {settings['precision']!r}", USAGE)
+
+
+def check_device(name):
+    """The torch device to run on (CUDA when present if `name` is None), checked to be usable."""
+    try:
+        device = trainer.resolve_device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise BadInput(f"--device {name}: not usable here ({first_line(e)}); "
+                       f"use --device cpu, or leave --device out to use CUDA when present", USAGE)
+    return device
+
+
+# --- input files -------------------------------------------------------------
+
+def read_text(path, flag, encoding='utf-8'):
+    """The text of the file at `path` (text mode: CRLF reads as LF)."""
+    try:
+        with open(path, encoding=encoding) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BadInput(f'{flag} {path}: no such file; check the path')
+    except IsADirectoryError:
+        raise BadInput(f'{flag} {path} is a folder; give the path of a file')
+    except PermissionError:
+        raise BadInput(f'{flag} {path}: permission denied; make the file readable')
+    except UnicodeDecodeError as e:
+        raise BadInput(f'{flag} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); '
+                       f'convert it to UTF-8')
+    except OSError as e:
+        raise BadInput(f'{flag} {path}: cannot read it ({e.strerror or first_line(e)})')
+
+
+def check_corpus(text, path):
+    """The pretraining text is not empty and holds neither special character."""
+    if not text.strip():
+        raise BadInput(f'PRETRAIN_CORPUS_PATH {path} is empty; it must hold the pretraining text '
+                       f'(which also defines the vocabulary)')
+    for char, name in ((dataset.PAD_CHAR, 'pad'), (dataset.MASK_CHAR, 'mask')):
+        at = text.find(char)
+        if at >= 0:
+            line = text.count('\n', 0, at) + 1
+            raise BadInput(f'PRETRAIN_CORPUS_PATH {path} line {line} contains the {name} character '
+                           f'U+{ord(char):04X} ({char}), which the model reserves; remove it from the corpus')
+
+
+def check_finetune(name_dataset, path, corpus_path):
+    """Every line of a NameDataset is question<TAB>place, fits the block and uses only known characters."""
+    flag = '--finetune_corpus_path'
+    if len(name_dataset) == 0:
+        raise BadInput(f'{flag} {path} has no lines; it needs question<TAB>place lines')
+    block_size = name_dataset.block_size
+    for number, line in enumerate(name_dataset.data, 1):
+        where = f'{flag} {path} line {number}'
+        fields = line.split('\t')
+        if len(fields) != 2:
+            problem = 'is empty' if not line else 'has no tab' if len(fields) == 1 else f'has {len(fields) - 1} tabs'
+            raise BadInput(f'{where} {problem}; every line must be question<TAB>place')
+        question, place = fields
+        if len(question) + len(place) + 2 > block_size:
+            raise BadInput(f'{where} is too long: question and place have {len(question) + len(place)} characters, '
+                           f'and NameDataset needs len(question) + len(place) + 2 <= block size {block_size}; '
+                           f'shorten or remove the line')
+        unknown = sorted(set(question + place) - set(name_dataset.stoi))
+        if unknown:
+            raise BadInput(f'{where} has characters the vocabulary of {corpus_path} lacks '
+                           f'({", ".join(map(repr, unknown))}); remove them or add them to the pretraining corpus')
+
+
+def read_questions(path, stoi, max_positions=None, steps=32):
+    """The evaluation questions (first tab field of each line) and {line index: unknown characters}.
+
+    A question with characters the vocabulary lacks is only reported back; one
+    whose decoding needs more than max_positions positions (the Synthesizer's
+    limit) is an error.
+    """
+    flag = '--eval_corpus_path'
+    text = read_text(path, flag, encoding='utf-8-sig')
+    questions = [line.split('\t')[0] for line in dataset.split_documents(text)]
+    if not questions:
+        raise BadInput(f'{flag} {path} has no lines; it needs one question (or question<TAB>place) per line')
+    try:
+        utils.read_gold_places(path)
+    except ValueError as e:
+        raise BadInput(f'{flag} {e}; give every line a place, or none')
+    unknown = {}
+    for index, question in enumerate(questions):
+        missing = sorted(set(question) - set(stoi))
+        # The question and its mask are fed, then every decoded character but the last.
+        needed = len(question) + steps
+        if missing:
+            unknown[index] = missing
+        elif max_positions is not None and needed > max_positions:
+            raise BadInput(f'{flag} {path} line {index + 1}: the question has {len(question)} characters, so with '
+                           f'its mask and {steps} decoded characters the synthesizer would attend over {needed} '
+                           f'positions, more than the {max_positions} it supports; shorten it to '
+                           f'{max_positions - steps} characters or fewer')
+    return questions, unknown
+
+
+# --- output paths --------------------------------------------------------------
+
+def same_file(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(outputs, inputs):
+    """Each (flag, path) in `outputs` can be written, and none overwrites another or an input file."""
+    for i, (flag, path) in enumerate(outputs):
+        if os.path.isdir(path):
+            raise BadInput(f'{flag} {path} is a folder; give a file path (inside it, if you like)')
+        folder = os.path.dirname(path) or '.'
+        if not os.path.isdir(folder):
+            raise BadInput(f'{flag} {path}: the folder {folder} does not exist; create it first')
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise BadInput(f'{flag} {path}: the folder {folder} is not writable; pick another place')
+        for other_flag, other in list(inputs) + list(outputs[:i]):
+            if other and same_file(path, other):
+                raise BadInput(f'{flag} {path} is also {other_flag}; writing it would overwrite that file, '
+                               f'so pick another path')
+
+
+# --- params and checkpoints ------------------------------------------------
+
+def load_tensors(path, flag):
+    """torch.load(path, weights_only=True), every failure turned into a BadInput."""
+    if not os.path.exists(path):
+        raise BadInput(f'{flag} {path}: no such file; check the path')
+    if os.path.isdir(path):
+        raise BadInput(f'{flag} {path} is a folder; give the path of a params file')
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except PermissionError:
+        raise BadInput(f'{flag} {path}: permission denied; make the file readable')
+    except Exception as e:
+        if 'Weights only load failed' in str(e):
+            needs = re.search(r'GLOBAL ([\w.]+)', str(e))
+            needs = f' (it needs {needs.group(1)})' if needs else ''
+            raise BadInput(f'{flag} {path} refused: loading it would need arbitrary unpickling{needs}, which could '
+                           f'run code; only files of plain tensors (torch.save of a state dict) are loaded')
+        raise BadInput(f'{flag} {path} is not a params file or is corrupt ({type(e).__name__}: {first_line(e)}); '
+                       f'give a file written by a pretrain or finetune run')
+
+
+def params_variant(state):
+    """'synthesizer' or 'vanilla', the attention whose weights `state` holds, or None."""
+    if 'blocks.0.attn.w2' in state:
+        return 'synthesizer'
+    if 'blocks.0.attn.key.weight' in state:
+        return 'vanilla'
+    return None
+
+
+def shape(t):
+    return ' x '.join(map(str, t.shape)) or 'scalar'
+
+
+def check_params(state, gpt, variant, path, corpus_path):
+    """`state` (a loaded params file) fits `gpt` exactly, or a BadInput says how it differs."""
+    flag = '--reading_params_path'
+    if isinstance(state, dict) and state.get('format') == trainer.CHECKPOINT_FORMAT:
+        raise BadInput(f'{flag} {path} is a training checkpoint, not a params file; continue its run with '
+                       f'--resume --checkpoint_path {path}, or read the params file that run writes')
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise BadInput(f'{flag} {path} holds a {type(state).__name__}, not a params file (a state dict of tensors)')
+    held = params_variant(state)
+    if held is None:
+        raise BadInput(f'{flag} {path} holds no GPT attention weights (neither blocks.0.attn.key.weight nor '
+                       f'blocks.0.attn.w2); it is not a params file of this model')
+    if held != variant:
+        raise BadInput(f'{flag} {path} holds {held} params, but the variant is {variant}; '
+                       f'run with {held}, or read {variant} params')
+    expected = gpt.state_dict()
+    emb, model_emb = state.get('tok_emb.weight'), expected['tok_emb.weight']
+    if emb is not None and emb.dim() == 2 and emb.shape[0] != model_emb.shape[0]:
+        raise BadInput(f'{flag} {path} was trained with a vocabulary of {emb.shape[0]} characters '
+                       f'(tok_emb.weight {shape(emb)}), but PRETRAIN_CORPUS_PATH {corpus_path} gives '
+                       f'{model_emb.shape[0]} (model {shape(model_emb)}); use the corpus the params were trained with')
+    layers = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
+    if layers != len(gpt.blocks):
+        raise BadInput(f'{flag} {path} has {layers} Transformer blocks but the model has {len(gpt.blocks)}; '
+                       f'use the --recipe / --n_layer of the run that wrote it')
+    for key in sorted(expected, key=lambda k: k != 'tok_emb.weight'):
+        tensor = expected[key]
+        if key in state and state[key].shape != tensor.shape:
+            raise BadInput(f'{flag} {path}: {key} is {shape(state[key])} in the file but {shape(tensor)} in the '
+                           f'model, so it was trained with another model size; use the --recipe / --n_embd / '
+                           f'--n_head of the run that wrote it')
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BadInput(f'{flag} {path} does not match the model: missing {missing[:3] or "nothing"}, '
+                       f'unexpected {unexpected[:3] or "nothing"}; it was written by different code')
+
+
+def data_digest(*texts):
+    """A fingerprint of the training data, to tell whether a checkpoint belongs to it."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode('utf-8'))
+        digest.update(b'\0')
+    return digest.hexdigest()
+
+
+def read_checkpoint(path, info):
+    """The training checkpoint at `path`, checked to belong to the run `info` describes.
+
+    Returns (checkpoint, notes): notes are the training settings that differ
+    from the checkpoint's (allowed, e.g. more epochs, but worth a warning).
+    """
+    flag = 'checkpoint'
+    if not os.path.exists(path):
+        raise BadInput(f'--resume: there is no checkpoint at {path}; run without --resume to start afresh, '
+                       f'or give its path with --checkpoint_path')
+    checkpoint = load_tensors(path, flag)
+    if not isinstance(checkpoint, dict) or checkpoint.get('format') != trainer.CHECKPOINT_FORMAT:
+        raise BadInput(f'{flag} {path} is not a training checkpoint of run.py; give another --checkpoint_path')
+    saved = checkpoint.get('info') or {}
+    run, saved_run = f"{info['function']} {info['variant']}", f"{saved.get('function')} {saved.get('variant')}"
+    if run != saved_run:
+        raise BadInput(f'{flag} {path} belongs to a {saved_run} run, not {run}; use the matching command, '
+                       f'or delete the checkpoint to start afresh')
+    if saved.get('data') != info['data']:
+        raise BadInput(f'{flag} {path} was written for other training data: the corpus files changed since; '
+                       f'restore them, or delete the checkpoint to start afresh')
+    changed = [f'{k} {saved.get("model", {}).get(k)} -> {v}' for k, v in info['model'].items()
+               if saved.get('model', {}).get(k) != v]
+    if changed or saved.get('model') != info['model']:
+        raise BadInput(f'{flag} {path} holds a model of other settings ({", ".join(changed) or "different keys"}); '
+                       f'resume with the --recipe and model flags of the interrupted run')
+    old, new = saved.get('train', {}), info['train']
+    notes = [f'{k} {old.get(k)} -> {new.get(k)}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return checkpoint, notes
