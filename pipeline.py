@@ -92,6 +92,8 @@ def main():
         print(f'[run]  {name}', flush=True)
         start = time.time()
         command = [sys.executable, 'src/run.py'] + run_args + ['--recipe', args.recipe] + args.extra
+        if os.path.exists(output + '.ckpt'):  # an interrupted training step: continue it
+            command.append('--resume')
         if subprocess.run(command).returncode != 0:
             sys.exit(f'pipeline stopped: step "{name}" failed (command: {" ".join(command)})')
         print(f'[done] {name} in {time.time() - start:.0f} s', flush=True)

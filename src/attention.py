@@ -62,6 +62,8 @@ class CausalSelfAttention(nn.Module):
             dropout_p = self.attn_drop.p if self.training else 0.0
             if past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            elif T == 1:  # the newest position sees every cached one
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
             else:
                 visible = self.mask[:, :, past:S, :S].bool()
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
@@ -113,7 +115,9 @@ class SynthesizerAttention(nn.Module):
             # The scores a @ w2 + b2 are "queries times keys" with keys = w2^T,
             # scale 1 and an additive mask holding b2 and the causal -inf.
             keys = self.w2[:, :S].t().to(a.dtype).expand(B, self.n_head, S, -1)
-            bias = self.b2[:S].to(a.dtype).masked_fill(~visible, float('-inf'))
+            bias = self.b2[:S].to(a.dtype)
+            if T > 1:  # a single newest query sees every position: nothing to mask
+                bias = bias.masked_fill(~visible, float('-inf'))
             dropout_p = self.attn_drop.p if self.training else 0.0
             y = F.scaled_dot_product_attention(a, keys, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0)
         else:

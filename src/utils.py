@@ -56,14 +56,17 @@ def sample(model, x, steps, temperature=1.0, sample=False, top_k=None):
     return x
 
 
-@torch.no_grad()
-def greedy_decode(model, prompts, steps, device='cpu', batch_size=512, show_progress=False):
+@torch.inference_mode()
+def greedy_decode(model, prompts, steps, device='cpu', batch_size=512, show_progress=False, stop_id=None):
     """Greedy continuations of `steps` tokens for each prompt (a list of token-id lists).
 
     Prompts of the same length go through the model together, so every token
     keeps its absolute position; a key/value cache means each step runs only
     the newest token. Returns the continuations (lists of ids) in input order.
-    Prompt plus continuation must fit in the block size.
+    With stop_id, a group stops early once each of its continuations holds
+    stop_id, so continuations may be shorter than `steps` but agree with the
+    full ones up to their first stop_id. Prompt plus continuation must fit in
+    the block size.
     """
     model.eval()
     by_length = defaultdict(list)
@@ -78,10 +81,15 @@ def greedy_decode(model, prompts, steps, device='cpu', batch_size=512, show_prog
             x = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)
             cache = KVCache(len(model.blocks))
             generated = []
+            stopped = torch.zeros(len(group), 1, dtype=torch.bool, device=device)
             for _ in range(steps):
                 logits, _ = model(x, cache=cache)
                 x = logits[:, -1, :].argmax(dim=-1, keepdim=True)
                 generated.append(x)
+                if stop_id is not None:
+                    stopped |= x == stop_id
+                    if bool(stopped.all()):
+                        break
             generated = torch.cat(generated, dim=1).tolist()
             for i, continuation in zip(group, generated):
                 outputs[i] = continuation
