@@ -1,0 +1,70 @@
+"""Recipes: the faithful settings are the defaults, overrides and --recipe laptop change only what they name;
+the metrics file a run writes can be plotted."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import run
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+CPU, N_DOCS = torch.device('cpu'), 2937
+
+
+def settings(argv):
+    args = run.build_parser().parse_args(argv)
+    return run.settings_for(args, N_DOCS, CPU)
+
+
+def test_faithful_is_the_default_and_matches_the_assignment():
+    model_settings, pretrain = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p'])
+    assert model_settings == dict(n_layer=4, n_head=8, n_embd=256)
+    assert (pretrain['max_epochs'], pretrain['batch_size'], pretrain['learning_rate']) == (650, 128, 6e-3)
+    assert pretrain['lr_decay'] and pretrain['warmup_tokens'] == 512 * 20
+    assert pretrain['final_tokens'] == 200 * N_DOCS * 128
+    _, scratch = settings(['finetune', 'vanilla', 'wiki.txt', '--writing_params_path', 'p',
+                           '--finetune_corpus_path', 'f'])
+    assert (scratch['max_epochs'], scratch['batch_size'], scratch['learning_rate']) == (75, 256, 6e-4)
+    _, after = settings(['finetune', 'vanilla', 'wiki.txt', '--reading_params_path', 'r',
+                         '--writing_params_path', 'p', '--finetune_corpus_path', 'f'])
+    assert after['max_epochs'] == 10 and after['learning_rate'] == 6e-4
+    assert 'precision' not in pretrain  # fp32, the TrainerConfig default
+
+
+def test_laptop_recipe_changes_model_and_pretraining_only_where_it_says():
+    model_settings, pretrain = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p',
+                                         '--recipe', 'laptop'])
+    assert model_settings['n_embd'] == 128 and model_settings['n_head'] == 4
+    assert model_settings['attn_pdrop'] == model_settings['resid_pdrop'] == model_settings['embd_pdrop'] == 0.0
+    assert pretrain['max_epochs'] == 300 and pretrain['precision'] == 'auto'
+    assert pretrain['final_tokens'] == 300 * N_DOCS * 127
+    assert pretrain['batch_size'] == 128 and pretrain['learning_rate'] == 6e-3
+
+
+def test_overrides_touch_only_their_setting():
+    base_model, base_train = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p'])
+    model_settings, train_settings = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p',
+                                               '--n_embd', '64', '--learning_rate', '1e-3', '--dropout', '0'])
+    assert model_settings == dict(base_model, n_embd=64, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    assert train_settings == dict(base_train, learning_rate=1e-3)
+
+
+def test_metrics_are_plotted(tmp_path):
+    pytest.importorskip('matplotlib')
+    metrics = tmp_path / 'a.params.metrics.jsonl'
+    with open(metrics, 'w') as f:
+        for step in range(1, 30):
+            f.write(json.dumps({'step': step, 'epoch': 1 + step // 10, 'tokens': step * 100, 'loss': 5.0 / step,
+                                'lr': 1e-3, 'tokens_per_s': 1000.0, 'wall_s': step * 0.5}) + '\n')
+    png = tmp_path / 'loss.png'
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'plot_metrics.py'), str(metrics), str(metrics),
+                             '--output', str(png), '--x', 'wall_s'], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert not list(tmp_path.glob('*.tmp.png'))
+    missing = subprocess.run([sys.executable, os.path.join(ROOT, 'plot_metrics.py'), str(tmp_path / 'nope.jsonl'),
+                              '--output', str(png)], capture_output=True, text=True)
+    assert missing.returncode != 0 and 'no metrics file' in missing.stderr and 'Traceback' not in missing.stderr
