@@ -151,11 +151,6 @@ def settings_for(args, n_documents, device):
     return model_settings, train_settings
 
 
-def read_text(path):
-    with open(path, encoding='utf-8') as f:
-        return f.read()
-
-
 def checkpoint_path_of(args):
     return args.checkpoint_path or args.writing_params_path + '.ckpt'
 

@@ -40,6 +40,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def signals_delivered():
+    """A shell runs background jobs with SIGINT ignored, and run.py then leaves it ignored
+    (as under nohup); these tests need it delivered, as in a terminal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def default_signals():
+    """Popen preexec_fn: the child starts with SIGINT at its default, as from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def call(argv):
     """run.main(argv) in this process: its exit status."""
     try:
@@ -303,7 +317,8 @@ def test_ctrl_c_on_a_subprocess_then_the_printed_command(tmp_path, corpus):
         return [str(a) for a in pretrain_argv(corpus, params_path, epochs=40)]
     part = tmp_path / 'part.params'
     process = subprocess.Popen([sys.executable, 'src/run.py'] + argv(part), cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_signals)
     metrics_path = str(part) + '.metrics.jsonl'
     deadline = time.time() + 240
     while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0):
