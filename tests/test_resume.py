@@ -16,28 +16,20 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SRC = os.path.join(ROOT, 'src')
-if SRC not in sys.path:
-    sys.path.insert(0, SRC)
+SRC = os.path.join(ROOT, 'src')  # on sys.path through conftest
 
-import dataset  # noqa: E402
-import model  # noqa: E402
-import run  # noqa: E402
-import trainer  # noqa: E402
-import utils  # noqa: E402
+import dataset 
+import model 
+import run 
+import trainer 
+import utils 
 
 WIKI = os.path.join(ROOT, 'wiki.txt')
 TRAIN_TSV = os.path.join(ROOT, 'birth_places_train.tsv')
 TINY_MODEL = ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--batch_size', '8', '--quiet']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine more threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')  # conftest: tiny models, one thread
 
 
 @pytest.fixture(autouse=True)
