@@ -6,7 +6,8 @@ Runs the assignment's command sequences through src/run.py:
   1. vanilla without pretraining: finetune, then evaluate on dev and test;
   2. vanilla: pretrain, finetune, evaluate on dev and test;
   3. synthesizer: pretrain, finetune, evaluate on dev and test;
-and ends with a table of dev accuracies. A step whose output file already
+and ends with a table of dev accuracies and, when matplotlib is installed,
+the pretraining loss curves in pretrain_loss.png. A step whose output file already
 exists is skipped, so an interrupted pipeline picks up where it stopped.
 
 The recipe defaults to 'faithful' (the original settings) on a machine with a
@@ -106,6 +107,21 @@ def main():
                         ('vanilla, pretrain + finetune', 'vanilla.pretrain.dev.predictions'),
                         ('synthesizer, pretrain + finetune', 'synthesizer.pretrain.dev.predictions')):
         print(f'| {label} | {dev_accuracy(read_predictions(os.path.join(out, name)))} |')
+    plot_pretraining(out)
+
+
+def plot_pretraining(out):
+    """Draw both variants' pretraining loss to OUT/pretrain_loss.png when matplotlib is installed."""
+    metrics = [os.path.join(out, f'{variant}.pretrain.params.metrics.jsonl') for variant in ('vanilla', 'synthesizer')]
+    metrics = [path for path in metrics if os.path.exists(path)]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('\nFor loss curves: pip install matplotlib, then python plot_metrics.py ' + ' '.join(metrics)
+              + f' --output {os.path.join(out, "pretrain_loss.png")}')
+        return
+    if metrics:
+        subprocess.run([sys.executable, 'plot_metrics.py', *metrics, '--output', os.path.join(out, 'pretrain_loss.png')])
 
 
 if __name__ == '__main__':

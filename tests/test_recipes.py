@@ -35,13 +35,24 @@ def test_faithful_is_the_default_and_matches_the_assignment():
 
 
 def test_laptop_recipe_changes_model_and_pretraining_only_where_it_says():
+    faithful_model, faithful_pretrain = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p'])
     model_settings, pretrain = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p',
                                          '--recipe', 'laptop'])
-    assert model_settings['n_embd'] == 128 and model_settings['n_head'] == 4
-    assert model_settings['attn_pdrop'] == model_settings['resid_pdrop'] == model_settings['embd_pdrop'] == 0.0
-    assert pretrain['max_epochs'] == 300 and pretrain['precision'] == 'auto'
-    assert pretrain['final_tokens'] == 300 * N_DOCS * 127
-    assert pretrain['batch_size'] == 128 and pretrain['learning_rate'] == 6e-3
+    assert model_settings == dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    assert pretrain == dict(faithful_pretrain, max_epochs=180, warmup_tokens=20 * 128 * 127,
+                            final_tokens=180 * N_DOCS * 127, precision='auto')
+    for function_args in (['--finetune_corpus_path', 'f'], ['--finetune_corpus_path', 'f', '--reading_params_path', 'r']):
+        argv = ['finetune', 'vanilla', 'wiki.txt', '--writing_params_path', 'p'] + function_args
+        _, faithful = settings(argv)
+        assert settings(argv + ['--recipe', 'laptop'])[1] == dict(faithful, precision='auto')
+
+
+def test_laptop_cosine_ends_with_the_run_and_the_faithful_one_does_not():
+    _, laptop = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p', '--recipe', 'laptop',
+                          '--max_epochs', '40'])
+    assert laptop['max_epochs'] == 40 and laptop['final_tokens'] == 40 * N_DOCS * 127
+    _, faithful = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p', '--max_epochs', '40'])
+    assert faithful['final_tokens'] == 200 * N_DOCS * 128
 
 
 def test_overrides_touch_only_their_setting():
