@@ -114,14 +114,15 @@ def plot_pretraining(out):
     """Draw both variants' pretraining loss to OUT/pretrain_loss.png when matplotlib is installed."""
     metrics = [os.path.join(out, f'{variant}.pretrain.params.metrics.jsonl') for variant in ('vanilla', 'synthesizer')]
     metrics = [path for path in metrics if os.path.exists(path)]
+    if not metrics:
+        return
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         print('\nFor loss curves: pip install matplotlib, then python plot_metrics.py ' + ' '.join(metrics)
               + f' --output {os.path.join(out, "pretrain_loss.png")}')
         return
-    if metrics:
-        subprocess.run([sys.executable, 'plot_metrics.py', *metrics, '--output', os.path.join(out, 'pretrain_loss.png')])
+    subprocess.run([sys.executable, 'plot_metrics.py', *metrics, '--output', os.path.join(out, 'pretrain_loss.png')])
 
 
 if __name__ == '__main__':

@@ -267,10 +267,8 @@ def read_questions(args, pretrain_dataset):
     return checks.read_questions(args.eval_corpus_path, pretrain_dataset.stoi, max_positions, EVAL_STEPS)
 
 
-def evaluate(args, gpt, pretrain_dataset, device, questions=None, unknown=None):
-    """Predict a place for every question, write them whole, then print the accuracy."""
-    if questions is None:
-        questions, unknown = read_questions(args, pretrain_dataset)
+def evaluate(args, gpt, pretrain_dataset, device, questions, unknown):
+    """Predict a place for every question (read_questions), write them whole, then print the accuracy."""
     for index, chars in sorted(unknown.items()):
         print(f'warning: {args.eval_corpus_path} line {index + 1}: {", ".join(map(repr, chars))} not in the '
               f'vocabulary of {args.pretrain_corpus_path}; predicting an empty string', file=sys.stderr)
