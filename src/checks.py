@@ -66,11 +66,15 @@ def check_settings(model_settings, train_settings):
                        f"each head gets n_embd / n_head dimensions", USAGE)
     if settings.get('learning_rate', 1) <= 0:
         raise BadInput(f"--learning_rate must be positive, got {settings['learning_rate']}", USAGE)
+    if settings.get('weight_decay', 0) < 0:
+        raise BadInput(f"--weight_decay must be 0 or more, got {settings['weight_decay']}", USAGE)
     if settings.get('num_workers', 0) < 0:
         raise BadInput(f"--num_workers must be 0 or more, got {settings['num_workers']}", USAGE)
     for name in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
         if not 0 <= settings.get(name, 0) < 1:
             raise BadInput(f'--dropout must be in [0, 1), got {settings[name]}', USAGE)
+    if settings.get('batching', 'random') not in ('random', 'stratified'):
+        raise BadInput(f"--batching must be 'random' or 'stratified', got {settings['batching']!r}", USAGE)
     if settings.get('precision', 'fp32') not in ('fp32', 'bf16', 'auto'):
         raise BadInput(f"--precision must be 'fp32', 'bf16' or 'auto', got {settings['precision']!r}", USAGE)
 

@@ -3,7 +3,11 @@
 Speed options (all off or automatic in ways that keep the math): bf16
 autocast, fused AdamW, torch.compile, and trimming of all-pad columns, which
 with `chunks > 1` also sorts each batch by length and runs it as several
-trimmed pieces whose summed loss equals the batch's mean loss.
+trimmed pieces whose summed loss equals the batch's mean loss. One option
+changes which examples share a batch, so it is off by default:
+`batching='stratified'` deals a whole epoch, sorted by length, into batches
+of `chunks` pieces of similar length (less padding than sorting within a
+batch, with the same mix of lengths in every batch).
 
 Long runs survive interruption: with `checkpoint_path` set, the whole training
 state (model, optimizer, epoch/step/token counters, every RNG and the data
@@ -40,7 +44,7 @@ class TrainerConfig:
     learning_rate = 3e-4
     betas = (0.9, 0.95)
     grad_norm_clip = 1.0
-    weight_decay = 0.1  # only applied on matmul weights
+    weight_decay = 0.1  # applied to every parameter except biases
     lr_decay = False
     warmup_tokens = 375e6  # these two numbers come from the GPT-3 paper
     final_tokens = 260e9   # (at what point we reach 10% of original LR)
@@ -51,6 +55,7 @@ class TrainerConfig:
     precision = 'fp32'     # 'fp32', 'bf16' (autocast) or 'auto' (bf16 on a GPU that supports it)
     trim_padding = True    # drop trailing columns whose targets are all pad (exact: attention is causal)
     chunks = 1             # split each batch into this many length-sorted, trimmed pieces
+    batching = 'random'    # 'random' (the original) or 'stratified' (see stratified_batches)
     fused_optimizer = 'auto'  # fused AdamW where the device supports it
     compile = False        # torch.compile the model
     metrics_path = None    # JSONL file with one line of metrics per optimizer step
@@ -126,6 +131,34 @@ def split_batch(x, y, chunks, trim):
         n = int(lengths[part].max())
         pieces.append((x[part, :n], y[part, :n]))
     return pieces
+
+
+def stratified_batches(examples, batch_size, chunks, generator):
+    """The epoch's (x, y) examples dealt into batches, each a list of trimmed pieces.
+
+    The examples are sorted by length (last non-pad target) and cut into
+    `chunks` strata of equal size; each stratum is cut into as many pieces as
+    the epoch has batches, and every batch gets one piece of every stratum
+    (which one is random, but larger pieces go to smaller batches). Each
+    batch so holds short and long examples in the proportions of the whole
+    epoch, while each piece is trimmed to a length close to that of its own
+    examples. Every example is used once; batch sizes differ by at most one.
+    """
+    n_batches = math.ceil(len(examples) / batch_size)
+    lengths = [int((y != 0).nonzero().max()) + 1 if bool((y != 0).any()) else 1 for _, y in examples]
+    by_length = sorted(range(len(examples)), key=lengths.__getitem__)
+    batches, sizes = [[] for _ in range(n_batches)], [0] * n_batches
+    for stratum in np.array_split(np.array(by_length), chunks):
+        # the larger pieces (array_split puts them first) go to the smaller batches, ties at random
+        tie_break = torch.randperm(n_batches, generator=generator).tolist()
+        destinations = sorted(range(n_batches), key=lambda b: (sizes[b], tie_break[b]))
+        for piece, b in zip(np.array_split(stratum, n_batches), destinations):
+            sizes[b] += len(piece)
+            if len(piece):
+                n = max(lengths[i] for i in piece)
+                batches[b].append((torch.stack([examples[i][0][:n] for i in piece]),
+                                   torch.stack([examples[i][1][:n] for i in piece])))
+    return [batch for batch in batches if batch]  # a batch_size below chunks can leave one empty
 
 
 class TrainingInterrupted(Exception):
@@ -261,6 +294,7 @@ class Trainer:
         self.data_generator = torch.Generator()
         self.data_generator.manual_seed(int(torch.randint(2 ** 62, (1,))))
         self.epoch_start_state = self.data_generator.get_state()
+        self.epoch_start_rng = None  # the random states an epoch of stratified batches was drawn from
         self.resume_state = None
 
     def save_checkpoint(self):
@@ -275,7 +309,8 @@ class Trainer:
                  'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                  'epoch': self.epoch, 'batches_done': self.batches_done,
                  'step': self.step, 'tokens': self.tokens, 'elapsed': self.elapsed,
-                 'epoch_start_state': self.epoch_start_state, 'rng': rng_state()}
+                 'epoch_start_state': self.epoch_start_state, 'epoch_start_rng': self.epoch_start_rng,
+                 'rng': rng_state()}
         with utils.atomic_write(path) as temporary:
             torch.save(state, temporary)
 
@@ -298,24 +333,34 @@ class Trainer:
         start_time = time.time() - self.elapsed
         last_save = time.time()
 
-        def run_batch(x, y):
-            """Forward and backward over the batch's pieces; returns the batch's mean loss."""
-            n_targets = max(1, int((y != 0).sum()))
+        def run_batch(pieces):
+            """Forward and backward over a batch's pieces; returns the batch's mean loss."""
+            n_targets = max(1, sum(int((yp != 0).sum()) for _, yp in pieces))
             total = 0.0
-            for xp, yp in split_batch(x, y, config.chunks, config.trim_padding):
+            for xp, yp in pieces:
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     _, loss_sum = forward(xp, yp, loss_reduction='sum')
                 (loss_sum / n_targets).backward()
                 total += loss_sum.item()
             return total / n_targets
 
-        def epoch_batches(skip):
+        def epoch_batches(skip, start_rng=None):
             """This epoch's shuffled batches from batch `skip` on, the generator at the epoch's start.
 
             In one process the trained batches are just left out; DataLoader
             workers draw their examples in sequence, so they replay them.
+            Stratified batching draws the whole epoch first, from the random
+            states of the epoch's start (`start_rng` when resuming).
             """
             order = torch.randperm(len(self.train_dataset), generator=self.data_generator).tolist()
+            if config.batching == 'stratified':
+                if start_rng is not None:
+                    set_rng_state(start_rng)
+                self.epoch_start_rng = rng_state()
+                examples = [self.train_dataset[i] for i in order]
+                width = examples[0][1].size(0)  # untrimmed, for the token count of the schedule
+                batches = stratified_batches(examples, config.batch_size, config.chunks, self.data_generator)
+                return iter([(pieces, width) for pieces in batches[skip:]])
             workers = config.num_workers
             left_out = skip if workers == 0 else 0
             loader = DataLoader(self.train_dataset, sampler=order[left_out * config.batch_size:],
@@ -327,25 +372,31 @@ class Trainer:
                 next(batches)
             return batches
 
-        def run_epoch(epoch, stop, skip=0, rng=None):
+        def run_epoch(epoch, stop, skip=0, rng=None, start_rng=None):
             """Train on one epoch's batches from batch `skip` on; True once max_steps is reached."""
             nonlocal last_save
             model.train(True)
-            batches = epoch_batches(skip)
+            batches = epoch_batches(skip, start_rng)
             if rng is not None:
                 set_rng_state(rng)
             n_batches = math.ceil(len(self.train_dataset) / config.batch_size)
             pbar = tqdm(batches, initial=skip, total=n_batches, disable=not config.show_progress)
-            for it, (x, y) in enumerate(pbar, start=skip):
+            for it, batch in enumerate(pbar, start=skip):
                 step_start = time.time()
-                x, y = x.to(self.device), y.to(self.device)
+                if config.batching == 'stratified':
+                    pieces, width = batch
+                    pieces = [(xp.to(self.device), yp.to(self.device)) for xp, yp in pieces]
+                    batch_tokens = sum(yp.size(0) for _, yp in pieces) * width
+                else:
+                    x, y = batch[0].to(self.device), batch[1].to(self.device)
+                    pieces = split_batch(x, y, config.chunks, config.trim_padding)
+                    batch_tokens = y.numel()  # (y >= 0).sum(): pads count
                 model.zero_grad(set_to_none=True)
-                loss = run_batch(x, y)
+                loss = run_batch(pieces)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_norm_clip)
                 optimizer.step()
                 self.step += 1
                 self.batches_done = it + 1
-                batch_tokens = y.numel()  # (y >= 0).sum(): pads count
                 # The schedule is applied after the step, as in the original.
                 if config.lr_decay:
                     self.tokens += batch_tokens
@@ -386,7 +437,8 @@ class Trainer:
                         self.data_generator.set_state(resume['epoch_start_state'])
                     self.epoch, self.epoch_start_state = epoch, self.data_generator.get_state()
                     if resuming:
-                        done = run_epoch(epoch, stop, resume['batches_done'], resume['rng'])
+                        done = run_epoch(epoch, stop, resume['batches_done'], resume['rng'],
+                                         resume.get('epoch_start_rng'))
                     else:
                         self.batches_done = 0
                         done = run_epoch(epoch, stop)

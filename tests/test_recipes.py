@@ -39,8 +39,8 @@ def test_laptop_recipe_changes_model_and_pretraining_only_where_it_says():
     model_settings, pretrain = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p',
                                          '--recipe', 'laptop'])
     assert model_settings == dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    assert pretrain == dict(faithful_pretrain, max_epochs=180, warmup_tokens=20 * 128 * 127,
-                            final_tokens=180 * N_DOCS * 127, precision='auto')
+    assert pretrain == dict(faithful_pretrain, max_epochs=230, warmup_tokens=20 * 128 * 127,
+                            final_tokens=230 * N_DOCS * 127, weight_decay=0.3, precision='auto')
     for function_args in (['--finetune_corpus_path', 'f'], ['--finetune_corpus_path', 'f', '--reading_params_path', 'r']):
         argv = ['finetune', 'vanilla', 'wiki.txt', '--writing_params_path', 'p'] + function_args
         _, faithful = settings(argv)
@@ -58,9 +58,10 @@ def test_laptop_cosine_ends_with_the_run_and_the_faithful_one_does_not():
 def test_overrides_touch_only_their_setting():
     base_model, base_train = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p'])
     model_settings, train_settings = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p',
-                                               '--n_embd', '64', '--learning_rate', '1e-3', '--dropout', '0'])
+                                               '--n_embd', '64', '--learning_rate', '1e-3', '--dropout', '0',
+                                               '--weight_decay', '0', '--batching', 'stratified'])
     assert model_settings == dict(base_model, n_embd=64, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    assert train_settings == dict(base_train, learning_rate=1e-3)
+    assert train_settings == dict(base_train, learning_rate=1e-3, weight_decay=0.0, batching='stratified')
 
 
 def test_metrics_are_plotted(tmp_path):

@@ -128,11 +128,12 @@ def test_same_seed_same_params_and_fresh_runs_rewrite_metrics(tmp_path, corpus):
 
 # --- resume after Ctrl-C, SIGTERM or a crash ------------------------------------------------
 
-def test_pretrain_interrupted_mid_epoch_resumes_identically(tmp_path, corpus, hook, capsys):
+@pytest.mark.parametrize('batching', [[], ['--batching', 'stratified', '--chunks', '2']])
+def test_pretrain_interrupted_mid_epoch_resumes_identically(tmp_path, corpus, hook, capsys, batching):
     full = tmp_path / 'full.params'
-    assert call(pretrain_argv(corpus, full)) == 0
+    assert call(pretrain_argv(corpus, full) + batching) == 0
     part = tmp_path / 'part.params'
-    argv = pretrain_argv(corpus, part)
+    argv = pretrain_argv(corpus, part) + batching
     hook(signal_at(4))  # mid-way through epoch 2
     assert call(argv) == 130
     out, err = capsys.readouterr()

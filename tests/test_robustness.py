@@ -159,8 +159,10 @@ def test_missing_flag(tmp_path, capsys, argv, words):
     (['--n_embd', '15'], ['--n_embd 15 is not divisible by --n_head 2']),
     (['--batch_size', '0'], ['--batch_size must be at least 1']),
     (['--learning_rate', '-1'], ['--learning_rate must be positive']),
+    (['--weight_decay', '-0.1'], ['--weight_decay must be 0 or more']),
     (['--dropout', '1.5'], ['--dropout must be in [0, 1)']),
     (['--precision', 'fp16'], ['--precision must be']),
+    (['--batching', 'sorted'], ["--batching must be 'random' or 'stratified'"]),
     (['--checkpoint_minutes', '-1'], ['--checkpoint_minutes must be 0 or more']),
     (['--device', 'no-such-device'], ['--device no-such-device: not usable here']),
     (['--resume'], []),  # checked below: pretrain --resume without a checkpoint is a file error

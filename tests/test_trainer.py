@@ -231,6 +231,74 @@ def test_split_batch_with_name_dataset_rows(name_dataset):
         torch.testing.assert_close(g_split[name], g_full[name], rtol=1e-4, atol=1e-6)
 
 
+# ---------------------------------------------------------- stratified_batches
+
+def last_target(y):
+    return int((y != 0).nonzero().max()) + 1
+
+
+@pytest.mark.parametrize('n, batch_size, chunks', [(300, 32, 4), (37, 8, 3), (5, 2, 4)])
+def test_stratified_batches_use_every_example_once_in_pieces_of_similar_length(char_dataset, n, batch_size, chunks):
+    import random
+    random.seed(0)
+    examples = [char_dataset[i] for i in range(n)]
+    generator = torch.Generator().manual_seed(0)
+    batches = trainer.stratified_batches(examples, batch_size, chunks, generator)
+    if batch_size >= chunks:
+        assert len(batches) == math.ceil(n / batch_size)
+    assert all(1 <= len(pieces) <= chunks for pieces in batches)
+    # every example once, each piece trimmed to its longest target (only pad targets are cut off)
+    unused = {}
+    for x, y in examples:
+        unused.setdefault(tuple(y.tolist()), []).append(x)
+    width, count = examples[0][1].size(0), 0
+    for pieces in batches:
+        for xp, yp in pieces:
+            assert xp.shape == yp.shape and xp.shape[1] == max(last_target(y) for y in yp)
+            for x, y in zip(xp, yp):
+                candidates = unused[tuple(torch.cat([y, y.new_zeros(width - len(y))]).tolist())]
+                match = next(i for i, c in enumerate(candidates) if torch.equal(c[:len(x)], x))
+                candidates.pop(match)
+                count += 1
+    assert count == n
+    if n == 300:
+        # a batch holds one piece of each length stratum: its k-th shortest piece is no longer than
+        # any batch's (k+1)-th shortest; and the batches are of one size (300 = 10 x 30)
+        ordered = [sorted(pieces, key=lambda p: p[0].shape[1]) for pieces in batches]
+        for k in range(chunks - 1):
+            assert max(last_target(y) for b in ordered for y in b[k][1]) <= \
+                min(last_target(y) for b in ordered for y in b[k + 1][1])
+        assert {sum(xp.shape[0] for xp, _ in pieces) for pieces in batches} == {n // len(batches)}
+        # and far less padding than trimming whole random batches
+        stratified = sum(xp.numel() for pieces in batches for xp, _ in pieces)
+        whole = sum(len(examples[i:i + batch_size]) * max(last_target(y) for _, y in examples[i:i + batch_size])
+                    for i in range(0, n, batch_size))
+        assert stratified < 0.8 * whole
+
+
+def test_stratified_batching_in_the_trainer_sees_every_example_each_epoch():
+    seen = []
+
+    class Recording(torch.utils.data.Dataset):
+        def __init__(self, data):
+            self.data = data
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            seen.append(i)
+            return self.data[i]
+
+    m = tiny_model(seed=3)
+    data = Recording(toy_dataset(n=20))
+    cfg = trainer.TrainerConfig(max_epochs=2, batch_size=8, chunks=2, batching='stratified', show_progress=False)
+    t = trainer.Trainer(m, data, None, cfg, device='cpu')
+    t.train()
+    assert t.step == 6 and sorted(seen) == sorted(list(range(20)) * 2)
+    assert t.tokens == 0  # no lr_decay: the schedule's counter is untouched
+
+
 def test_trainer_chunked_gradients_equal_plain(monkeypatch):
     """Inside Trainer.train: the gradient of the first step with chunks=3 + trim equals the plain one."""
     grads = {}
