@@ -113,6 +113,11 @@ def make_optimizer(model, config, device):
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, fused=bool(fused))
 
 
+def target_lengths(y):
+    """Per row of y: 1 + the index of its last non-pad target (1 for a row of pads only)."""
+    return (y != 0).int().cumsum(1).argmax(1) + 1
+
+
 def split_batch(x, y, chunks, trim):
     """Pieces of the batch (x, y) whose losses, summed, give the whole batch's.
 
@@ -121,7 +126,7 @@ def split_batch(x, y, chunks, trim):
     """
     if not trim:
         return [(x, y)]
-    lengths = (y != 0).int().cumsum(1).argmax(1) + 1   # 1 + index of the last non-pad target
+    lengths = target_lengths(y)
     if chunks <= 1:
         n = int(lengths.max())
         return [(x[:, :n], y[:, :n])]
@@ -145,7 +150,7 @@ def stratified_batches(examples, batch_size, chunks, generator):
     examples. Every example is used once; batch sizes differ by at most one.
     """
     n_batches = math.ceil(len(examples) / batch_size)
-    lengths = [int((y != 0).nonzero().max()) + 1 if bool((y != 0).any()) else 1 for _, y in examples]
+    lengths = target_lengths(torch.stack([y for _, y in examples])).tolist()
     by_length = sorted(range(len(examples)), key=lengths.__getitem__)
     batches, sizes = [[] for _ in range(n_batches)], [0] * n_batches
     for stratum in np.array_split(np.array(by_length), chunks):
@@ -347,7 +352,8 @@ class Trainer:
         def epoch_batches(skip, start_rng=None):
             """This epoch's shuffled batches from batch `skip` on, the generator at the epoch's start.
 
-            In one process the trained batches are just left out; DataLoader
+            Each batch comes as (its pieces on the device, its token count
+            for the schedule). In one process the trained batches are just left out; DataLoader
             workers draw their examples in sequence, so they replay them.
             Stratified batching draws the whole epoch first, from the random
             states of the epoch's start (`start_rng` when resuming).
@@ -358,9 +364,10 @@ class Trainer:
                     set_rng_state(start_rng)
                 self.epoch_start_rng = rng_state()
                 examples = [self.train_dataset[i] for i in order]
-                width = examples[0][1].size(0)  # untrimmed, for the token count of the schedule
+                width = examples[0][1].size(0)  # untrimmed: the schedule counts pads
                 batches = stratified_batches(examples, config.batch_size, config.chunks, self.data_generator)
-                return iter([(pieces, width) for pieces in batches[skip:]])
+                return (([(xp.to(self.device), yp.to(self.device)) for xp, yp in pieces],
+                         sum(yp.size(0) for _, yp in pieces) * width) for pieces in batches[skip:])
             workers = config.num_workers
             left_out = skip if workers == 0 else 0
             loader = DataLoader(self.train_dataset, sampler=order[left_out * config.batch_size:],
@@ -370,7 +377,9 @@ class Trainer:
             batches = iter(loader)
             for _ in range(skip - left_out):
                 next(batches)
-            return batches
+            return ((split_batch(x.to(self.device), y.to(self.device), config.chunks, config.trim_padding),
+                     y.numel())  # (y >= 0).sum(): pads count
+                    for x, y in batches)
 
         def run_epoch(epoch, stop, skip=0, rng=None, start_rng=None):
             """Train on one epoch's batches from batch `skip` on; True once max_steps is reached."""
@@ -381,16 +390,8 @@ class Trainer:
                 set_rng_state(rng)
             n_batches = math.ceil(len(self.train_dataset) / config.batch_size)
             pbar = tqdm(batches, initial=skip, total=n_batches, disable=not config.show_progress)
-            for it, batch in enumerate(pbar, start=skip):
+            for it, (pieces, batch_tokens) in enumerate(pbar, start=skip):
                 step_start = time.time()
-                if config.batching == 'stratified':
-                    pieces, width = batch
-                    pieces = [(xp.to(self.device), yp.to(self.device)) for xp, yp in pieces]
-                    batch_tokens = sum(yp.size(0) for _, yp in pieces) * width
-                else:
-                    x, y = batch[0].to(self.device), batch[1].to(self.device)
-                    pieces = split_batch(x, y, config.chunks, config.trim_padding)
-                    batch_tokens = y.numel()  # (y >= 0).sum(): pads count
                 model.zero_grad(set_to_none=True)
                 loss = run_batch(pieces)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_norm_clip)
