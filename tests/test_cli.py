@@ -140,7 +140,7 @@ def test_params_files(runs, key, synthesizer):
     ok(runs, key)
     name = {'v_pretrain': 'v.pretrain', 'v_finetune': 'v.finetune', 'v_scratch': 'v.model',
             's_pretrain': 's.pretrain', 's_finetune': 's.finetune'}[key]
-    state = torch.load(runs['dir'] / f'{name}.params', weights_only=True)
+    state = torch.load(runs['dir'] / f'{name}.params', weights_only=True, map_location='cpu')
     assert {k: tuple(v.shape) for k, v in state.items()} == expected_keys(synthesizer)
 
 
@@ -149,13 +149,13 @@ def test_finetune_starts_from_the_pretrained_params(runs, prefix):
     """Finetuning runs with --seed 1 (a different init from pretraining's seed 0), so ending
     next to the pretrained params shows they were loaded."""
     ok(runs, f'{prefix}_finetune')
-    pre = torch.load(runs['dir'] / f'{prefix}.pretrain.params', weights_only=True)
-    fine = torch.load(runs['dir'] / f'{prefix}.finetune.params', weights_only=True)
+    pre = torch.load(runs['dir'] / f'{prefix}.pretrain.params', weights_only=True, map_location='cpu')
+    fine = torch.load(runs['dir'] / f'{prefix}.finetune.params', weights_only=True, map_location='cpu')
     diffs = {k: float((pre[k] - fine[k]).abs().max()) for k in pre}
     assert max(diffs.values()) < 5e-3, 'two small finetuning steps cannot move far from the pretrained params'
     assert max(diffs.values()) > 0, 'finetuning changed nothing'
     if prefix == 'v':
-        scratch = torch.load(runs['dir'] / 'v.model.params', weights_only=True)
+        scratch = torch.load(runs['dir'] / 'v.model.params', weights_only=True, map_location='cpu')
         assert float((scratch['head.weight'] - pre['head.weight']).abs().max()) > 2e-2
 
 

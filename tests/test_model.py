@@ -84,7 +84,7 @@ def test_save_load_round_trip(tmp_path, synthesizer):
     idx = torch.randint(0, V, (2, BS - 1), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = other(idx)[0]
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location='cpu')
         assert set(state) == set(expected_state_shapes(synthesizer))
         other.load_state_dict(state)   # strict
         a, b = m(idx)[0], other(idx)[0]

@@ -56,7 +56,7 @@ def call(argv):
 
 
 def same_params(path_a, path_b):
-    a, b = torch.load(path_a), torch.load(path_b)
+    a, b = torch.load(path_a, map_location='cpu'), torch.load(path_b, map_location='cpu')
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -185,7 +185,7 @@ def test_crash_resumes_from_the_last_periodic_checkpoint(tmp_path, corpus, hook,
     out, err = capsys.readouterr()
     assert 'The last training checkpoint is' in err and '--resume' in err
     assert [r['step'] for r in metrics(str(part) + '.metrics.jsonl')] == [1, 2, 3, 4, 5]
-    assert torch.load(str(part) + '.ckpt')['step'] == 4
+    assert torch.load(str(part) + '.ckpt', map_location='cpu')['step'] == 4
     hook(None)
     assert call(argv + ['--resume']) == 0
     assert same_params(full, part)

@@ -330,7 +330,7 @@ def test_synthesizer_params_with_other_heads(tmp_path, capsys, wiki_vocab):
 
 def test_training_checkpoint_is_not_params(tmp_path, capsys, params):
     path = tmp_path / 'run.ckpt'
-    torch.save({'format': 'birthplace training checkpoint v1', 'model': torch.load(params)}, path)
+    torch.save({'format': 'birthplace training checkpoint v1', 'model': torch.load(params, map_location='cpu')}, path)
     code, out, err = call(evaluate_argv(path, tmp_path), capsys)
     assert_one_error_line(code, err, 1, 'is a training checkpoint, not a params file', '--resume')
 
@@ -414,7 +414,7 @@ def test_long_questions_decode_with_cropping_on_vanilla(tmp_path, capsys, params
     code, out, err = call(evaluate_argv(params, tmp_path, eval_path=eval_path), capsys)
     assert code == 0, err
     gpt = model.GPT(model.GPTConfig(wiki_vocab.vocab_size, 128, n_layer=1, n_head=2, n_embd=16))
-    gpt.load_state_dict(torch.load(params))
+    gpt.load_state_dict(torch.load(params, map_location='cpu'))
     expected = []
     for q in ('W' * 96, 'W' * 140):
         prompt = [wiki_vocab.stoi[c] for c in q + dataset.MASK_CHAR]
@@ -477,7 +477,7 @@ def test_crlf_and_missing_final_newline_finetune_identically(tmp_path, capsys, t
                 '--writing_params_path', tmp_path / f'{name}.params'] + TINY
         code, out, err = call(argv, capsys)
         assert code == 0, err
-        results.append(torch.load(tmp_path / f'{name}.params'))
+        results.append(torch.load(tmp_path / f'{name}.params', map_location='cpu'))
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 

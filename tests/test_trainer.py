@@ -386,7 +386,7 @@ def test_max_steps_and_checkpoint(tmp_path):
     t = trainer.Trainer(m, toy_dataset(), None, cfg, device='cpu')
     t.train()
     assert t.step == 2
-    state = torch.load(ckpt, weights_only=True)
+    state = torch.load(ckpt, weights_only=True, map_location='cpu')
     assert set(state) == set(m.state_dict())
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
 
