@@ -89,6 +89,8 @@ OVERRIDES = {
     'chunks': ('train', int, 'run each batch as this many length-sorted, trimmed pieces (same math)'),
     'batching': ('train', str, "'random' (the original) or 'stratified': each batch made of CHUNKS pieces "
                                "of similar length, dealt from the whole epoch sorted by length"),
+    'weight_decay_on': ('train', str, "'all' (the original: every parameter but biases) or 'matrices' "
+                                      "(Linear weights and the Synthesizer's w2 only)"),
     'num_workers': ('train', int, 'DataLoader worker processes'),
     'n_layer': ('model', int, 'number of Transformer blocks'),
     'n_head': ('model', int, 'attention heads per block'),

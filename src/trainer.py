@@ -56,6 +56,7 @@ class TrainerConfig:
     trim_padding = True    # drop trailing columns whose targets are all pad (exact: attention is causal)
     chunks = 1             # split each batch into this many length-sorted, trimmed pieces
     batching = 'random'    # 'random' (the original) or 'stratified' (see stratified_batches)
+    weight_decay_on = 'all'  # 'all' (the original: all but biases) or 'matrices' (see decays)
     fused_optimizer = 'auto'  # fused AdamW where the device supports it
     compile = False        # torch.compile the model
     metrics_path = None    # JSONL file with one line of metrics per optimizer step
@@ -101,10 +102,26 @@ def autocast_dtype(precision, device):
     raise ValueError(f"unknown precision {precision!r}: use 'fp32', 'bf16' or 'auto'")
 
 
+def decays(name, param, weight_decay_on):
+    """Whether AdamW's weight decay applies to this parameter.
+
+    'all' is the original grouping: every parameter except biases, so
+    LayerNorm gains and the embeddings shrink too. 'matrices' decays only the
+    weights that multiply activations (the Linear layers' and the
+    Synthesizer's w2), as in minGPT: no biases, LayerNorm parameters or
+    token and position embeddings.
+    """
+    if weight_decay_on == 'all':
+        return 'bias' not in name
+    if weight_decay_on == 'matrices':
+        return param.dim() == 2 and not name.startswith('tok_emb')
+    raise ValueError(f"unknown weight_decay_on {weight_decay_on!r}: use 'all' or 'matrices'")
+
+
 def make_optimizer(model, config, device):
-    """AdamW with weight decay on every parameter except biases."""
-    decay = [p for n, p in model.named_parameters() if 'bias' not in n]
-    no_decay = [p for n, p in model.named_parameters() if 'bias' in n]
+    """AdamW, weight decay on the parameters that `decays` picks."""
+    decay = [p for n, p in model.named_parameters() if decays(n, p, config.weight_decay_on)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p, config.weight_decay_on)]
     groups = [{'params': decay, 'weight_decay': config.weight_decay},
               {'params': no_decay, 'weight_decay': 0.0}]
     fused = config.fused_optimizer

@@ -59,9 +59,11 @@ def test_overrides_touch_only_their_setting():
     base_model, base_train = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p'])
     model_settings, train_settings = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p',
                                                '--n_embd', '64', '--learning_rate', '1e-3', '--dropout', '0',
-                                               '--weight_decay', '0', '--batching', 'stratified'])
+                                               '--weight_decay', '0', '--batching', 'stratified',
+                                               '--weight_decay_on', 'matrices'])
     assert model_settings == dict(base_model, n_embd=64, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    assert train_settings == dict(base_train, learning_rate=1e-3, weight_decay=0.0, batching='stratified')
+    assert train_settings == dict(base_train, learning_rate=1e-3, weight_decay=0.0, batching='stratified',
+                                  weight_decay_on='matrices')
 
 
 def test_metrics_are_plotted(tmp_path):

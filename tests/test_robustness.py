@@ -163,6 +163,7 @@ def test_missing_flag(tmp_path, capsys, argv, words):
     (['--dropout', '1.5'], ['--dropout must be in [0, 1)']),
     (['--precision', 'fp16'], ['--precision must be']),
     (['--batching', 'sorted'], ["--batching must be 'random' or 'stratified'"]),
+    (['--weight_decay_on', 'norms'], ["--weight_decay_on must be 'all' or 'matrices'"]),
     (['--checkpoint_minutes', '-1'], ['--checkpoint_minutes must be 0 or more']),
     (['--device', 'no-such-device'], ['--device no-such-device: not usable here']),
     (['--resume'], []),  # checked below: pretrain --resume without a checkpoint is a file error

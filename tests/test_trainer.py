@@ -177,6 +177,25 @@ def test_weight_decay_groups():
             assert decay_of[id(names['blocks.0.attn.w1.bias'])] == 0.0
 
 
+def test_weight_decay_on_matrices_leaves_norms_embeddings_and_biases_alone():
+    for synthesizer in (False, True):
+        m = tiny_model(synthesizer)
+        cfg = trainer.TrainerConfig(weight_decay=0.3, weight_decay_on='matrices')
+        opt = trainer.make_optimizer(m, cfg, torch.device('cpu'))
+        decayed = {id(p) for group in opt.param_groups if group['weight_decay'] == 0.3 for p in group['params']}
+        kept = {id(p) for group in opt.param_groups if group['weight_decay'] == 0.0 for p in group['params']}
+        names = dict(m.named_parameters())
+        assert decayed | kept == {id(p) for p in names.values()} and not decayed & kept
+        linear_weights = {f'{name}.weight' for name, module in m.named_modules() if isinstance(module, torch.nn.Linear)}
+        synthesizer_w2 = {name for name in names if name.endswith('attn.w2')}
+        assert len(synthesizer_w2) == (1 if synthesizer else 0)  # tiny_model has one block
+        expected = linear_weights | synthesizer_w2
+        assert {name for name, p in names.items() if id(p) in decayed} == expected
+        assert 'head.weight' in expected and 'blocks.0.mlp.0.weight' in expected
+    with pytest.raises(ValueError, match="use 'all' or 'matrices'"):
+        trainer.decays('head.weight', names['head.weight'], 'embeddings')
+
+
 # ---------------------------------------------------------- split_batch
 
 def full_and_split(m, x, y, chunks, trim):
