@@ -84,7 +84,7 @@ OVERRIDES = {
     'max_steps': ('train', int, 'stop after this many optimizer steps'),
     'batch_size': ('train', int, 'batch size'),
     'learning_rate': ('train', float, 'peak learning rate'),
-    'weight_decay': ('train', float, 'AdamW weight decay on every parameter except biases'),
+    'weight_decay': ('train', float, 'AdamW weight decay (on the parameters --weight_decay_on picks)'),
     'precision': ('train', str, "'fp32', 'bf16' (autocast) or 'auto' (bf16 on a capable GPU)"),
     'chunks': ('train', int, 'run each batch as this many length-sorted, trimmed pieces (same math)'),
     'batching': ('train', str, "'random' (the original) or 'stratified': each batch made of CHUNKS pieces "

@@ -120,8 +120,9 @@ def decays(name, param, weight_decay_on):
 
 def make_optimizer(model, config, device):
     """AdamW, weight decay on the parameters that `decays` picks."""
-    decay = [p for n, p in model.named_parameters() if decays(n, p, config.weight_decay_on)]
-    no_decay = [p for n, p in model.named_parameters() if not decays(n, p, config.weight_decay_on)]
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if decays(name, param, config.weight_decay_on) else no_decay).append(param)
     groups = [{'params': decay, 'weight_decay': config.weight_decay},
               {'params': no_decay, 'weight_decay': 0.0}]
     fused = config.fused_optimizer
