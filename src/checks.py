@@ -113,16 +113,14 @@ def read_text(path, flag, encoding='utf-8'):
 
 
 def check_corpus(text, path):
-    """The pretraining text is not empty and holds neither special character."""
+    """The pretraining text is not empty and holds neither special character (dataset.check_reserved)."""
     if not text.strip():
         raise BadInput(f'PRETRAIN_CORPUS_PATH {path} is empty; it must hold the pretraining text '
                        f'(which also defines the vocabulary)')
-    for char, name in ((dataset.PAD_CHAR, 'pad'), (dataset.MASK_CHAR, 'mask')):
-        at = text.find(char)
-        if at >= 0:
-            line = text.count('\n', 0, at) + 1
-            raise BadInput(f'PRETRAIN_CORPUS_PATH {path} line {line} contains the {name} character '
-                           f'U+{ord(char):04X} ({char}), which the model reserves; remove it from the corpus')
+    try:
+        dataset.check_reserved(text)
+    except ValueError as e:
+        raise BadInput(f'PRETRAIN_CORPUS_PATH {path} {e}')
 
 
 def check_finetune(name_dataset, path, corpus_path):

@@ -18,6 +18,16 @@ PAD_CHAR = u"\u25A1"   # □
 MASK_CHAR = u"\u2047"  # ⁇
 
 
+def check_reserved(text):
+    """ValueError naming the line of the pad or mask character, if the text holds one: the model reserves both."""
+    for char, name in ((PAD_CHAR, 'pad'), (MASK_CHAR, 'mask')):
+        at = text.find(char)
+        if at >= 0:
+            line = text.count('\n', 0, at) + 1
+            raise ValueError(f'line {line} contains the {name} character U+{ord(char):04X} ({char}), '
+                             f'which the model reserves; remove it from the corpus')
+
+
 def split_documents(data):
     """Lines of `data`, without the empty string after a final newline."""
     lines = data.split('\n')
@@ -75,10 +85,7 @@ class CharCorruptionDataset(Dataset):
     def __init__(self, data, block_size):
         self.MASK_CHAR = MASK_CHAR
         self.PAD_CHAR = PAD_CHAR
-        for special, name in ((PAD_CHAR, 'pad'), (MASK_CHAR, 'mask')):
-            if special in data:
-                raise ValueError(f'the pretraining text contains the {name} character '
-                                 f'U+{ord(special):04X}; remove it from the corpus')
+        check_reserved(data)
         chars = [PAD_CHAR, MASK_CHAR] + sorted(set(data))
         self.stoi = {ch: i for i, ch in enumerate(chars)}
         self.itos = {i: ch for i, ch in enumerate(chars)}
