@@ -15,8 +15,8 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 sys.path.insert(0, os.path.join(ROOT, 'src'))
+import batching  # noqa: E402
 import dataset  # noqa: E402
-import trainer  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def epoch_batches(corpus, batch_size, chunks, how):
     order = torch.randperm(len(corpus)).tolist()
     examples = [corpus[i] for i in order]
     if how == 'stratified':
-        return trainer.stratified_batches(examples, batch_size, chunks, torch.Generator().manual_seed(0))
+        return batching.stratified_batches(examples, batch_size, chunks, torch.Generator().manual_seed(0))
     batches = []
     for start in range(0, len(examples), batch_size):
         x = torch.stack([e[0] for e in examples[start:start + batch_size]])
@@ -33,7 +33,7 @@ def epoch_batches(corpus, batch_size, chunks, how):
         if how == 'untrimmed':
             batches.append([(x, y)])
         else:
-            batches.append(trainer.split_batch(x, y, 1 if how == 'trimmed' else chunks, trim=True))
+            batches.append(batching.split_batch(x, y, 1 if how == 'trimmed' else chunks, trim=True))
     return batches
 
 

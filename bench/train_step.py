@@ -57,7 +57,7 @@ def time_config(variant, fused, settings, examples, vocab_size, steps, batch_siz
     data = FixedBatches(examples[:batch_size * (warmup + steps)])
     t = trainer.Trainer(gpt, data, None, train_config, device=device)
     t.train()  # warm-up steps (and compilation)
-    t.step = 0
+    t.state.step = 0
     if device.type == 'cuda':
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -78,7 +78,7 @@ def main():
     parser.add_argument('--only', nargs='*', help='substrings of configuration names to run (the reference always runs)')
     parser.add_argument('--compile', action='store_true', help='also torch.compile the fast configurations')
     args = parser.parse_args()
-    device = trainer.resolve_device(args.device)
+    device = utils.resolve_device(args.device)
     with open(os.path.join(ROOT, 'wiki.txt'), encoding='utf-8') as f:
         corpus = dataset.CharCorruptionDataset(f.read(), 128)
     utils.set_seed(0)

@@ -4,15 +4,14 @@ Each problem raises BadInput carrying one line that says what is wrong and
 what to do; run.py prints it and exits with its code: USAGE (2) for a mistake
 in the flags, BAD_FILE (1) for a file that cannot be used.
 """
-import hashlib
 import os
 import re
 import warnings
 
 import torch
 
+import checkpoint
 import dataset
-import trainer
 import utils
 
 USAGE = 2
@@ -84,7 +83,7 @@ def check_settings(model_settings, train_settings):
 def check_device(name):
     """The torch device to run on (CUDA when present if `name` is None), checked to be usable."""
     try:
-        device = trainer.resolve_device(name)
+        device = utils.resolve_device(name)
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:
         raise BadInput(f"--device {name}: not usable here ({first_line(e)}); "
@@ -239,7 +238,7 @@ def shape(t):
 def check_params(state, gpt, variant, path, corpus_path):
     """`state` (a loaded params file) fits `gpt` exactly, or a BadInput says how it differs."""
     flag = '--reading_params_path'
-    if isinstance(state, dict) and state.get('format') == trainer.CHECKPOINT_FORMAT:
+    if checkpoint.is_checkpoint(state):
         raise BadInput(f'{flag} {path} is a training checkpoint, not a params file; continue its run with '
                        f'--resume --checkpoint_path {path}, or read the params file that run writes')
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
@@ -274,41 +273,14 @@ def check_params(state, gpt, variant, path, corpus_path):
                        f'unexpected {unexpected[:3] or "nothing"}; it was written by different code')
 
 
-def data_digest(*texts):
-    """A fingerprint of the training data, to tell whether a checkpoint belongs to it."""
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode('utf-8'))
-        digest.update(b'\0')
-    return digest.hexdigest()
-
-
 def read_checkpoint(path, info):
-    """The training checkpoint at `path`, checked to belong to the run `info` describes.
-
-    Returns (checkpoint, notes): notes are the training settings that differ
-    from the checkpoint's (allowed, e.g. more epochs, but worth a warning).
-    """
+    """The training checkpoint at `path` and the training settings that changed since (checkpoint.check_belongs)."""
     flag = 'checkpoint'
     if not os.path.exists(path):
         raise BadInput(f'--resume: there is no checkpoint at {path}; run without --resume to start afresh, '
                        f'or give its path with --checkpoint_path')
-    checkpoint = load_tensors(path, flag)
-    if not isinstance(checkpoint, dict) or checkpoint.get('format') != trainer.CHECKPOINT_FORMAT:
-        raise BadInput(f'{flag} {path} is not a training checkpoint of run.py; give another --checkpoint_path')
-    saved = checkpoint.get('info') or {}
-    run, saved_run = f"{info['function']} {info['variant']}", f"{saved.get('function')} {saved.get('variant')}"
-    if run != saved_run:
-        raise BadInput(f'{flag} {path} belongs to a {saved_run} run, not {run}; use the matching command, '
-                       f'or delete the checkpoint to start afresh')
-    if saved.get('data') != info['data']:
-        raise BadInput(f'{flag} {path} was written for other training data: the corpus files changed since; '
-                       f'restore them, or delete the checkpoint to start afresh')
-    changed = [f'{k} {saved.get("model", {}).get(k)} -> {v}' for k, v in info['model'].items()
-               if saved.get('model', {}).get(k) != v]
-    if changed or saved.get('model') != info['model']:
-        raise BadInput(f'{flag} {path} holds a model of other settings ({", ".join(changed) or "different keys"}); '
-                       f'resume with the --recipe and model flags of the interrupted run')
-    old, new = saved.get('train', {}), info['train']
-    notes = [f'{k} {old.get(k)} -> {new.get(k)}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return checkpoint, notes
+    saved = load_tensors(path, flag)
+    try:
+        return saved, checkpoint.check_belongs(saved, info)
+    except ValueError as e:
+        raise BadInput(f'{flag} {path} {e}')

@@ -26,6 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkpoint  # noqa: E402
 import checks  # noqa: E402
 import dataset  # noqa: E402
 import model  # noqa: E402
@@ -215,23 +216,23 @@ def resume_checkpoint(args, info):
             raise checks.BadInput(f'a checkpoint of an interrupted run is at {path}: add --resume to continue it, '
                                   f'or delete it to start afresh', checks.USAGE)
         return None
-    checkpoint, changed = checks.read_checkpoint(path, info)
+    saved, changed = checks.read_checkpoint(path, info)
     if changed:
         print(f"warning: resuming with training settings other than the checkpoint's: {'; '.join(changed)}",
               file=sys.stderr)
-    return checkpoint
+    return saved
 
 
-def train(args, gpt, train_dataset, train_settings, device, info=None, checkpoint=None):
-    """Train (from `checkpoint` when resuming), write the params, then delete the training checkpoint."""
+def train(args, gpt, train_dataset, train_settings, device, info=None, saved=None):
+    """Train (from the checkpoint `saved` when resuming), write the params, then delete the training checkpoint."""
     metrics_path, checkpoint_path = metrics_path_of(args), checkpoint_path_of(args)
     config = trainer.TrainerConfig(metrics_path=metrics_path, compile=args.compile, show_progress=not args.quiet,
                                    checkpoint_path=checkpoint_path, checkpoint_minutes=args.checkpoint_minutes,
                                    checkpoint_info=info, **train_settings)
     t = trainer.Trainer(gpt, train_dataset, None, config, device=device)
-    if checkpoint is not None:
-        t.resume(checkpoint)
-        print(f'Resuming from {checkpoint_path}: epoch {t.epoch + 1}, step {t.step}', flush=True)
+    if saved is not None:
+        t.resume(saved)
+        print(f'Resuming from {checkpoint_path}: epoch {t.state.epoch + 1}, step {t.state.step}', flush=True)
     t.train()
     with utils.atomic_write(args.writing_params_path) as temporary:
         torch.save(gpt.state_dict(), temporary)
@@ -315,13 +316,12 @@ def run(args):
         train_dataset = dataset.NameDataset(pretrain_dataset, finetune_text)
         checks.check_finetune(train_dataset, args.finetune_corpus_path, args.pretrain_corpus_path)
         texts.append(finetune_text)
-    info = dict(function=args.function, variant=args.variant, data=checks.data_digest(*texts),
-                model=model_settings, train=train_settings)
-    checkpoint = resume_checkpoint(args, info)
+    info = checkpoint.run_info(args.function, args.variant, texts, model_settings, train_settings)
+    saved = resume_checkpoint(args, info)
     utils.set_seed(args.seed)
     gpt = build_model(args, pretrain_dataset.vocab_size, model_settings, device)
     print(describe(args, device, model_settings, train_settings), flush=True)
-    train(args, gpt, train_dataset, train_settings, device, info, checkpoint)
+    train(args, gpt, train_dataset, train_settings, device, info, saved)
 
 
 def resume_command(argv):
@@ -344,7 +344,7 @@ def main(argv=None):
     except checks.BadInput as e:
         print(f'run.py: error: {e}', file=sys.stderr)
         sys.exit(e.code)
-    except trainer.TrainingInterrupted as e:
+    except checkpoint.TrainingInterrupted as e:
         print(f'Interrupted ({e.signal_name}) at step {e.step}; checkpoint saved to {e.path}. '
               f'Resume with: {resume_command(argv)}', file=sys.stderr)
         sys.exit(128 + signal.Signals[e.signal_name].value)

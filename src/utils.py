@@ -4,7 +4,9 @@
 for every new token. `greedy_decode` is the fast one used by evaluation:
 prompts of equal length decoded together with a key/value cache, giving the
 same tokens as `sample` (tests hold them equal). `atomic_write` is how every
-output file is written: complete, or not at all.
+output file is written: complete, or not at all. `check_choice` is the one
+check of a setting with a fixed set of values (`resolve_device` picks the
+default device).
 """
 import os
 import random
@@ -24,6 +26,20 @@ def set_seed(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(device=None):
+    """torch.device(device), or CUDA when present and the CPU otherwise."""
+    if device:
+        return torch.device(device)
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def check_choice(name, value, allowed):
+    """ValueError naming the allowed values, unless `value` is one of them."""
+    if value not in allowed:
+        options = ', '.join(repr(a) for a in allowed[:-1]) + f' or {allowed[-1]!r}'
+        raise ValueError(f'unknown {name} {value!r}: use {options}')
 
 
 def top_k_logits(logits, k):

@@ -1,6 +1,6 @@
 """Reproducible runs, and interrupted runs that resume to exactly the parameters of uninterrupted ones (CPU).
 
-Interruptions are real signals: a TrainerConfig.on_step hook sends SIGINT (or
+Interruptions are real signals: an on_batch_end callback sends SIGINT (or
 SIGTERM) to this process at a chosen step, or a subprocess gets one from here.
 """
 import json
@@ -18,11 +18,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, 'src')  # on sys.path through conftest
 
-import dataset 
-import model 
-import run 
-import trainer 
-import utils 
+import checkpoint
+import dataset
+import model
+import run
+import trainer
+import utils
 
 WIKI = os.path.join(ROOT, 'wiki.txt')
 TRAIN_TSV = os.path.join(ROOT, 'birth_places_train.tsv')
@@ -68,12 +69,12 @@ def metrics(path):
 
 
 def signal_at(step, signum=signal.SIGINT, times=1):
-    """An on_step hook that sends `signum` to this process `times` times once `step` is done."""
+    """A callback that sends `signum` to this process `times` times once `step` is done."""
     def hook(t):
         if t.step == step:
             for _ in range(times):
                 os.kill(os.getpid(), signum)
-    return staticmethod(hook)
+    return hook
 
 
 @pytest.fixture
@@ -88,9 +89,15 @@ def corpus(tmp_path):
 
 @pytest.fixture
 def hook(monkeypatch):
-    """set(h) installs an on_step hook for the runs of this test; set(None) removes it."""
+    """set(h) makes h an on_batch_end callback of the Trainers of this test's runs; set(None) removes it."""
+    original = trainer.Trainer.__init__
+
     def install(h):
-        monkeypatch.setattr(trainer.TrainerConfig, 'on_step', h)
+        def init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            if h is not None:
+                self.add_callback('on_batch_end', h)
+        monkeypatch.setattr(trainer.Trainer, '__init__', init)
     return install
 
 
@@ -179,7 +186,7 @@ def test_crash_resumes_from_the_last_periodic_checkpoint(tmp_path, corpus, hook,
     def crash(t):
         if t.step == 5:
             raise RuntimeError('simulated crash')
-    hook(staticmethod(crash))
+    hook(crash)
     with pytest.raises(RuntimeError, match='simulated crash'):
         run.main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -207,21 +214,24 @@ def test_resume_with_dataloader_workers(tmp_path, corpus):
         data = dataset.CharCorruptionDataset(f.read(), 128)
     ckpt = str(tmp_path / 'w.ckpt')
 
-    def trainer_for(on_step=None):
+    def trainer_for(on_batch_end=None):
         utils.set_seed(0)
         gpt = model.GPT(model.GPTConfig(data.vocab_size, 128, n_layer=1, n_head=2, n_embd=16))
         config = trainer.TrainerConfig(max_epochs=2, batch_size=8, learning_rate=6e-3, lr_decay=True,
                                        warmup_tokens=2000, final_tokens=20000, num_workers=2, show_progress=False,
-                                       checkpoint_path=ckpt, on_step=on_step)
-        return trainer.Trainer(gpt, data, None, config, device='cpu')
+                                       checkpoint_path=ckpt)
+        t = trainer.Trainer(gpt, data, None, config, device='cpu')
+        if on_batch_end is not None:
+            t.add_callback('on_batch_end', on_batch_end)
+        return t
 
     full = trainer_for()
     full.train()
-    part = trainer_for(on_step=lambda t: t.step == 2 and os.kill(os.getpid(), signal.SIGINT))
-    with pytest.raises(trainer.TrainingInterrupted):
+    part = trainer_for(on_batch_end=lambda t: t.step == 2 and os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(checkpoint.TrainingInterrupted):
         part.train()
     resumed = trainer_for()
-    resumed.resume(trainer.load_training_checkpoint(ckpt))
+    resumed.resume(checkpoint.load(ckpt))
     resumed.train()
     assert resumed.step == full.step == 6
     expected = full.model.state_dict()

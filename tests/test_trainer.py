@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+import batching
 import dataset
 import model
 import trainer
@@ -206,7 +207,7 @@ def full_and_split(m, x, y, chunks, trim):
     m.zero_grad(set_to_none=True)
     n_targets = int((y != 0).sum())
     total = 0.0
-    pieces = trainer.split_batch(x, y, chunks, trim)
+    pieces = batching.split_batch(x, y, chunks, trim)
     for xp, yp in pieces:
         _, loss_sum = m(xp, yp, loss_reduction='sum')
         (loss_sum / n_targets).backward()
@@ -262,7 +263,7 @@ def test_stratified_batches_use_every_example_once_in_pieces_of_similar_length(c
     random.seed(0)
     examples = [char_dataset[i] for i in range(n)]
     generator = torch.Generator().manual_seed(0)
-    batches = trainer.stratified_batches(examples, batch_size, chunks, generator)
+    batches = batching.stratified_batches(examples, batch_size, chunks, generator)
     if batch_size >= chunks:
         assert len(batches) == math.ceil(n / batch_size)
     assert all(1 <= len(pieces) <= chunks for pieces in batches)
