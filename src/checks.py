@@ -72,12 +72,6 @@ def check_settings(model_settings, train_settings):
     for name in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
         if not 0 <= settings.get(name, 0) < 1:
             raise BadInput(f'--dropout must be in [0, 1), got {settings[name]}', USAGE)
-    if settings.get('batching', 'random') not in ('random', 'stratified'):
-        raise BadInput(f"--batching must be 'random' or 'stratified', got {settings['batching']!r}", USAGE)
-    if settings.get('weight_decay_on', 'all') not in ('all', 'matrices'):
-        raise BadInput(f"--weight_decay_on must be 'all' or 'matrices', got {settings['weight_decay_on']!r}", USAGE)
-    if settings.get('precision', 'fp32') not in ('fp32', 'bf16', 'auto'):
-        raise BadInput(f"--precision must be 'fp32', 'bf16' or 'auto', got {settings['precision']!r}", USAGE)
 
 
 def check_device(name):

@@ -26,6 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import batching  # noqa: E402
 import checkpoint  # noqa: E402
 import checks  # noqa: E402
 import dataset  # noqa: E402
@@ -37,8 +38,8 @@ BLOCK_SIZE = 128
 EVAL_STEPS = 32  # characters greedily decoded per question
 
 
-def faithful_recipe(n_documents, device):
-    """The original assignment's settings.
+def faithful_recipe(n_documents, device, max_epochs=None):
+    """The original assignment's settings (its cosine is fixed in tokens: max_epochs leaves it alone).
 
     How batches are run depends on the device and leaves the math as it is:
     on a CPU, no DataLoader workers (building a batch costs under 0.1% of a
@@ -58,20 +59,21 @@ def faithful_recipe(n_documents, device):
     }
 
 
-def laptop_recipe(n_documents, device):
+def laptop_recipe(n_documents, device, max_epochs=None):
     """A recipe sized for a 2-core CPU (EXPERIMENTS.md has the runs behind it).
 
     A narrower, dropout-free model (width 128, 4 heads) and 230 pretraining
     epochs, about an hour with both cores of a 2-core CPU, with the cosine
-    reaching its floor at the last one (`decay_over_run`: the floor follows
-    --max_epochs), and weight decay 0.3 in pretraining (0 learns far more
-    slowly; 0.1 to 0.5 score alike). Batches of 128 run as 4 length-sorted
-    trimmed chunks on a CPU, as in the faithful recipe.
+    reaching its floor at the last one (the floor follows --max_epochs, given
+    here as `max_epochs`), and weight decay 0.3 in pretraining (0 learns far
+    more slowly; 0.1 to 0.5 score alike). Batches of 128 run as 4
+    length-sorted trimmed chunks on a CPU, as in the faithful recipe.
     """
     recipe = faithful_recipe(n_documents, device)
     recipe['model'] = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    recipe['pretrain'].update(max_epochs=230, warmup_tokens=20 * 128 * (BLOCK_SIZE - 1), decay_over_run=True,
-                              weight_decay=0.3, precision='auto')
+    epochs = 230 if max_epochs is None else max_epochs
+    recipe['pretrain'].update(max_epochs=230, warmup_tokens=20 * 128 * (BLOCK_SIZE - 1),
+                              final_tokens=epochs * n_documents * (BLOCK_SIZE - 1), weight_decay=0.3, precision='auto')
     for key in ('finetune_scratch', 'finetune_pretrained'):
         recipe[key].update(precision='auto')
     return recipe
@@ -79,24 +81,27 @@ def laptop_recipe(n_documents, device):
 
 RECIPES = {'faithful': faithful_recipe, 'laptop': laptop_recipe}
 
-# Command-line overrides: flag -> (where it goes, type, help).
+# Command-line overrides: flag -> (where it goes, add_argument keywords).
 OVERRIDES = {
-    'max_epochs': ('train', int, 'number of training epochs'),
-    'max_steps': ('train', int, 'stop after this many optimizer steps'),
-    'batch_size': ('train', int, 'batch size'),
-    'learning_rate': ('train', float, 'peak learning rate'),
-    'weight_decay': ('train', float, 'AdamW weight decay (on the parameters --weight_decay_on picks)'),
-    'precision': ('train', str, "'fp32', 'bf16' (autocast) or 'auto' (bf16 on a capable GPU)"),
-    'chunks': ('train', int, 'run each batch as this many length-sorted, trimmed pieces (same math)'),
-    'batching': ('train', str, "'random' (the original) or 'stratified': each batch made of CHUNKS pieces "
-                               "of similar length, dealt from the whole epoch sorted by length"),
-    'weight_decay_on': ('train', str, "'all' (the original: every parameter but biases) or 'matrices' "
-                                      "(Linear weights and the Synthesizer's w2 only)"),
-    'num_workers': ('train', int, 'DataLoader worker processes'),
-    'n_layer': ('model', int, 'number of Transformer blocks'),
-    'n_head': ('model', int, 'attention heads per block'),
-    'n_embd': ('model', int, 'embedding width'),
-    'dropout': ('model', float, 'embd_pdrop, resid_pdrop and attn_pdrop at once'),
+    'max_epochs': ('train', dict(type=int, help='number of training epochs')),
+    'max_steps': ('train', dict(type=int, help='stop after this many optimizer steps')),
+    'batch_size': ('train', dict(type=int, help='batch size')),
+    'learning_rate': ('train', dict(type=float, help='peak learning rate')),
+    'weight_decay': ('train', dict(type=float, help='AdamW weight decay (on the parameters --weight_decay_on picks)')),
+    'precision': ('train', dict(choices=trainer.PRECISIONS,
+                                help="'bf16': autocast; 'auto': bf16 on a capable GPU, else fp32")),
+    'chunks': ('train', dict(type=int, help='run each batch as this many length-sorted, trimmed pieces (same math)')),
+    'batching': ('train', dict(choices=batching.BATCHINGS,
+                               help="'random' (the original) or 'stratified': each batch made of CHUNKS pieces "
+                                    "of similar length, dealt from the whole epoch sorted by length")),
+    'weight_decay_on': ('train', dict(choices=trainer.WEIGHT_DECAY_ON,
+                                      help="'all' (the original: every parameter but biases) or 'matrices' "
+                                           "(Linear weights and the Synthesizer's w2 only)")),
+    'num_workers': ('train', dict(type=int, help='DataLoader worker processes')),
+    'n_layer': ('model', dict(type=int, help='number of Transformer blocks')),
+    'n_head': ('model', dict(type=int, help='attention heads per block')),
+    'n_embd': ('model', dict(type=int, help='embedding width')),
+    'dropout': ('model', dict(type=float, help='embd_pdrop, resid_pdrop and attn_pdrop at once')),
 }
 
 
@@ -121,8 +126,8 @@ def build_parser():
     extra = parser.add_argument_group('recipe and overrides (defaults: the original settings)')
     extra.add_argument('--recipe', choices=sorted(RECIPES), default='faithful',
                        help="hyperparameter set: 'faithful' (the original) or 'laptop' (sized for a CPU)")
-    for name, (_, kind, text) in OVERRIDES.items():
-        extra.add_argument('--' + name, type=kind, help=text)
+    for name, (_, keywords) in OVERRIDES.items():
+        extra.add_argument('--' + name, **keywords)
     extra.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     extra.add_argument('--device', help="torch device, e.g. 'cpu' or 'cuda' (default: CUDA when present)")
     extra.add_argument('--compile', action='store_true', help='torch.compile the model')
@@ -142,9 +147,18 @@ def build_parser():
     return parser
 
 
+def parse_args(argv):
+    """The parsed command line, with the default paths of a training run's checkpoint and metrics filled in."""
+    args = build_parser().parse_args(argv)
+    if args.function != 'evaluate' and args.writing_params_path:
+        args.checkpoint_path = args.checkpoint_path or args.writing_params_path + '.ckpt'
+        args.metrics_path = args.metrics_path or args.writing_params_path + '.metrics.jsonl'
+    return args
+
+
 def settings_for(args, n_documents, device):
     """(model settings, trainer settings) of this run: the recipe, then the overrides."""
-    recipe = RECIPES[args.recipe](n_documents, device)
+    recipe = RECIPES[args.recipe](n_documents, device, args.max_epochs)
     model_settings = dict(recipe['model'])
     if args.function == 'pretrain':
         train_settings = dict(recipe['pretrain'])
@@ -152,7 +166,7 @@ def settings_for(args, n_documents, device):
         train_settings = dict(recipe['finetune_pretrained'])
     else:
         train_settings = dict(recipe['finetune_scratch'])
-    for name, (where, _, _) in OVERRIDES.items():
+    for name, (where, _) in OVERRIDES.items():
         value = getattr(args, name)
         if value is None:
             continue
@@ -160,25 +174,15 @@ def settings_for(args, n_documents, device):
             model_settings.update(embd_pdrop=value, resid_pdrop=value, attn_pdrop=value)
         else:
             (model_settings if where == 'model' else train_settings)[name] = value
-    if train_settings.pop('decay_over_run', False):
-        train_settings['final_tokens'] = train_settings['max_epochs'] * n_documents * (BLOCK_SIZE - 1)
     return model_settings, train_settings
-
-
-def checkpoint_path_of(args):
-    return args.checkpoint_path or args.writing_params_path + '.ckpt'
-
-
-def metrics_path_of(args):
-    return args.metrics_path or args.writing_params_path + '.metrics.jsonl'
 
 
 def output_paths(args):
     """(flag, path) for every file this run writes."""
     if args.function == 'evaluate':
         return [('--outputs_path', args.outputs_path)]
-    return [('--writing_params_path', args.writing_params_path), ('--metrics_path', metrics_path_of(args)),
-            ('--checkpoint_path', checkpoint_path_of(args))]
+    return [('--writing_params_path', args.writing_params_path), ('--metrics_path', args.metrics_path),
+            ('--checkpoint_path', args.checkpoint_path)]
 
 
 def input_paths(args):
@@ -208,9 +212,19 @@ def describe(args, device, model_settings, train_settings):
     return f'{args.function} {args.variant}: ' + ' '.join(items)
 
 
+def training_data(args, corpus, pretrain_dataset):
+    """(the dataset to train on, the texts it comes from): the corpus itself, or the checked finetuning TSV."""
+    if args.function == 'pretrain':
+        return pretrain_dataset, [corpus]
+    finetune_text = checks.read_text(args.finetune_corpus_path, '--finetune_corpus_path')
+    name_dataset = dataset.NameDataset(pretrain_dataset, finetune_text)
+    checks.check_finetune(name_dataset, args.finetune_corpus_path, args.pretrain_corpus_path)
+    return name_dataset, [corpus, finetune_text]
+
+
 def resume_checkpoint(args, info):
     """With --resume, the checkpoint to continue from; without, None (and no checkpoint may be in the way)."""
-    path = checkpoint_path_of(args)
+    path = args.checkpoint_path
     if not args.resume:
         if os.path.exists(path):
             raise checks.BadInput(f'a checkpoint of an interrupted run is at {path}: add --resume to continue it, '
@@ -225,20 +239,19 @@ def resume_checkpoint(args, info):
 
 def train(args, gpt, train_dataset, train_settings, device, info=None, saved=None):
     """Train (from the checkpoint `saved` when resuming), write the params, then delete the training checkpoint."""
-    metrics_path, checkpoint_path = metrics_path_of(args), checkpoint_path_of(args)
-    config = trainer.TrainerConfig(metrics_path=metrics_path, compile=args.compile, show_progress=not args.quiet,
-                                   checkpoint_path=checkpoint_path, checkpoint_minutes=args.checkpoint_minutes,
+    config = trainer.TrainerConfig(metrics_path=args.metrics_path, compile=args.compile, show_progress=not args.quiet,
+                                   checkpoint_path=args.checkpoint_path, checkpoint_minutes=args.checkpoint_minutes,
                                    checkpoint_info=info, **train_settings)
     t = trainer.Trainer(gpt, train_dataset, None, config, device=device)
     if saved is not None:
         t.resume(saved)
-        print(f'Resuming from {checkpoint_path}: epoch {t.state.epoch + 1}, step {t.state.step}', flush=True)
+        print(f'Resuming from {args.checkpoint_path}: epoch {t.state.epoch + 1}, step {t.state.step}', flush=True)
     t.train()
     with utils.atomic_write(args.writing_params_path) as temporary:
         torch.save(gpt.state_dict(), temporary)
-    if os.path.exists(checkpoint_path):
-        os.remove(checkpoint_path)
-    print(f'Params written to {args.writing_params_path}; metrics in {metrics_path}')
+    if os.path.exists(args.checkpoint_path):
+        os.remove(args.checkpoint_path)
+    print(f'Params written to {args.writing_params_path}; metrics in {args.metrics_path}')
 
 
 def predict(gpt, pretrain_dataset, questions, device, show_progress, skip=()):
@@ -304,24 +317,18 @@ def run(args):
 
     if args.function == 'evaluate':
         questions, unknown = read_questions(args, pretrain_dataset)
-        utils.set_seed(args.seed)
-        gpt = build_model(args, pretrain_dataset.vocab_size, model_settings, device)
-        print(describe(args, device, model_settings, train_settings), flush=True)
-        evaluate(args, gpt, pretrain_dataset, device, questions, unknown)
-        return
+    else:
+        train_dataset, texts = training_data(args, corpus, pretrain_dataset)
+        info = checkpoint.run_info(args.function, args.variant, texts, model_settings, train_settings)
+        saved = resume_checkpoint(args, info)
 
-    train_dataset, texts = pretrain_dataset, [corpus]
-    if args.function == 'finetune':
-        finetune_text = checks.read_text(args.finetune_corpus_path, '--finetune_corpus_path')
-        train_dataset = dataset.NameDataset(pretrain_dataset, finetune_text)
-        checks.check_finetune(train_dataset, args.finetune_corpus_path, args.pretrain_corpus_path)
-        texts.append(finetune_text)
-    info = checkpoint.run_info(args.function, args.variant, texts, model_settings, train_settings)
-    saved = resume_checkpoint(args, info)
     utils.set_seed(args.seed)
     gpt = build_model(args, pretrain_dataset.vocab_size, model_settings, device)
     print(describe(args, device, model_settings, train_settings), flush=True)
-    train(args, gpt, train_dataset, train_settings, device, info, saved)
+    if args.function == 'evaluate':
+        evaluate(args, gpt, pretrain_dataset, device, questions, unknown)
+    else:
+        train(args, gpt, train_dataset, train_settings, device, info, saved)
 
 
 def resume_command(argv):
@@ -336,9 +343,9 @@ def resume_command(argv):
 def main(argv=None):
     """The command line; a bad input ends in one line on stderr and exit status 2 (flags) or 1 (files)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     training = args.function != 'evaluate' and bool(args.writing_params_path)
-    checkpoint_path = checkpoint_path_of(args) if training else None
+    checkpoint_path = args.checkpoint_path if training else None
     try:
         run(args)
     except checks.BadInput as e:

@@ -161,9 +161,9 @@ def test_missing_flag(tmp_path, capsys, argv, words):
     (['--learning_rate', '-1'], ['--learning_rate must be positive']),
     (['--weight_decay', '-0.1'], ['--weight_decay must be 0 or more']),
     (['--dropout', '1.5'], ['--dropout must be in [0, 1)']),
-    (['--precision', 'fp16'], ['--precision must be']),
-    (['--batching', 'sorted'], ["--batching must be 'random' or 'stratified'"]),
-    (['--weight_decay_on', 'norms'], ["--weight_decay_on must be 'all' or 'matrices'"]),
+    (['--precision', 'fp16'], ["argument --precision: invalid choice: 'fp16'", "'fp32', 'bf16', 'auto'"]),
+    (['--batching', 'sorted'], ["argument --batching: invalid choice: 'sorted'", "'random', 'stratified'"]),
+    (['--weight_decay_on', 'norms'], ["argument --weight_decay_on: invalid choice: 'norms'", "'all', 'matrices'"]),
     (['--checkpoint_minutes', '-1'], ['--checkpoint_minutes must be 0 or more']),
     (['--device', 'no-such-device'], ['--device no-such-device: not usable here']),
     (['--resume'], []),  # checked below: pretrain --resume without a checkpoint is a file error
