@@ -4,7 +4,8 @@
         --output pretrain_loss.png [--x step|epoch|wall_s|tokens]
 
 Each input is the JSONL metrics file that src/run.py writes beside the params
-(one line per optimizer step). Needs matplotlib (an optional dependency).
+(one line per optimizer step; lines without a loss are left out). Needs
+matplotlib (an optional dependency).
 """
 import argparse
 import json
@@ -13,8 +14,10 @@ import sys
 
 
 def read_metrics(path):
+    """The per-step lines of a metrics file (a Trainer with a test_dataset adds per-epoch test_loss lines)."""
     with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [row for row in rows if 'loss' in row]
 
 
 def smooth(values, window):

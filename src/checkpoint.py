@@ -73,6 +73,22 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(cuda)
 
 
+def enter_epoch(state, generator, epoch, resuming):
+    """Record in `state` where `epoch` starts: the shuffling generator's state and the global random states.
+
+    The epoch a checkpoint interrupted (`resuming`) replays its recorded
+    ones instead, and keeps its count of batches already trained on.
+    """
+    if resuming:
+        generator.set_state(state.epoch_start_state)
+        if state.epoch_start_rng is not None:
+            set_rng_state(state.epoch_start_rng)
+    else:
+        state.batches_done = 0
+    state.epoch = epoch
+    state.epoch_start_state, state.epoch_start_rng = generator.get_state(), rng_state()
+
+
 def save(path, model, optimizer, state, info):
     """Write the checkpoint to `path` atomically; the global random states are taken now."""
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}

@@ -1,14 +1,10 @@
 """The training loop: AdamW, gradient clipping and the token-based warmup + cosine schedule.
 
-`Trainer.train` runs epochs of batches that batching.py cuts, one optimizer
-step per batch, and moves the learning rate after each step as the original
-does. The run's counters and random states live in one
-`checkpoint.TrainingState`: that is what a training checkpoint saves (with
-`checkpoint_path` set: every `checkpoint_minutes`, and on Ctrl-C or
-SIGTERM) and what `resume` restores.
-
-Speed options keep the math: bf16 autocast, fused AdamW, torch.compile, and
-trimmed, length-sorted pieces of each batch (batching.py).
+Batches come from batching.py; the run's counters and random states live in
+one checkpoint.TrainingState, which a training checkpoint saves (with
+`checkpoint_path` set: every `checkpoint_minutes` and on Ctrl-C) and
+`resume` restores. Speed options keep the math: bf16 autocast, fused AdamW,
+torch.compile, trimmed pieces of each batch.
 """
 import json
 import math
@@ -118,6 +114,8 @@ class Trainer:
         self.config = config
         self.device = utils.resolve_device(device)
         self.model.to(self.device)
+        self.forward = self.model  # compiled by train() with config.compile
+        self.amp_dtype = autocast_dtype(config.precision, self.device)
         self.optimizer = None
         self.callbacks = defaultdict(list)
         # The shuffling (and DataLoader worker seeds) come from a generator of
@@ -131,10 +129,6 @@ class Trainer:
     def add_callback(self, onevent, callback):
         """Call callback(trainer) at `onevent`: 'on_batch_end' is after every optimizer step."""
         self.callbacks[onevent].append(callback)
-
-    def trigger_callbacks(self, onevent):
-        for callback in self.callbacks.get(onevent, []):
-            callback(self)
 
     @property
     def step(self):
@@ -173,16 +167,13 @@ class Trainer:
                 self.metrics.close()
 
     def prepare(self):
-        """Set up a train() call: the optimizer (with a resumed run's state), the metrics file, the clocks.
-
-        Returns whether it continues a resumed run.
-        """
+        """The optimizer (a resumed run's, if any), the metrics file and the clocks; True when resuming."""
         config = self.config
         self.optimizer = make_optimizer(self.model, config, self.device)
-        resuming, saved, self.saved_optimizer = self.saved_optimizer is not None, self.saved_optimizer, None
+        resuming = self.saved_optimizer is not None
         if resuming:
-            self.optimizer.load_state_dict(saved)
-        self.amp_dtype = autocast_dtype(config.precision, self.device)
+            self.optimizer.load_state_dict(self.saved_optimizer)
+            self.saved_optimizer = None
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.metrics = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
         self.start_time = time.time() - self.state.elapsed
@@ -192,25 +183,16 @@ class Trainer:
     def epoch_batches(self, epoch, resuming):
         """The batches of `epoch` not yet trained on, each (pieces on the device, token count).
 
-        The epoch's shuffle and its global random states are recorded in the
-        state as it starts; a resumed epoch replays its recorded ones instead,
-        skips the batches it trained on, and then takes the random states the
-        checkpoint was saved with.
+        A resumed epoch replays its shuffle, skips the batches it trained on,
+        then takes the random states the checkpoint was saved with.
         """
-        state, config = self.state, self.config
-        if resuming:
-            self.data_generator.set_state(state.epoch_start_state)
-            if state.epoch_start_rng is not None:
-                checkpoint.set_rng_state(state.epoch_start_rng)
-        else:
-            state.batches_done = 0
-        state.epoch = epoch
-        state.epoch_start_state, state.epoch_start_rng = self.data_generator.get_state(), checkpoint.rng_state()
+        config = self.config
+        checkpoint.enter_epoch(self.state, self.data_generator, epoch, resuming)
         batches = batching.epoch_batches(self.train_dataset, config.batch_size, self.data_generator, self.device,
                                          batching=config.batching, chunks=config.chunks, trim=config.trim_padding,
-                                         num_workers=config.num_workers, skip=state.batches_done)
+                                         num_workers=config.num_workers, skip=self.state.batches_done)
         if resuming:
-            checkpoint.set_rng_state(state.rng)
+            checkpoint.set_rng_state(self.state.rng)
         return batches
 
     def run_epoch(self, batches, stop):
@@ -221,16 +203,21 @@ class Trainer:
         pbar = tqdm(batches, initial=state.batches_done, total=total, disable=not config.show_progress)
         for pieces, batch_tokens in pbar:
             step_start = time.time()
+            # forward and backward over the batch's pieces, clip the gradient, AdamW step
             loss = self.train_step(pieces)
             state.step += 1
             state.batches_done += 1
-            lr = self.update_lr(batch_tokens)  # after the step, as in the original
+            # the learning rate moves after the step, as in the original
+            lr = self.update_lr(batch_tokens)
+            # report the step: progress bar, metrics line, callbacks
             pbar.set_description(f"epoch {state.epoch + 1} iter {state.batches_done - 1}: "
                                  f"train loss {loss:.5f}. lr {lr:e}")
             now = time.time()
             self.write_metrics(step=state.step, epoch=state.epoch + 1, tokens=state.tokens, loss=loss, lr=lr,
                                tokens_per_s=batch_tokens / max(now - step_start, 1e-9), wall_s=now - self.start_time)
-            self.trigger_callbacks('on_batch_end')
+            for callback in self.callbacks['on_batch_end']:
+                callback(self)
+            # stop at max_steps; otherwise save a checkpoint when due, and stop here on Ctrl-C
             if self.max_steps_reached():
                 return True
             self.save_checkpoint_if_due(stop)
@@ -249,13 +236,17 @@ class Trainer:
         n_targets = max(1, sum(int((y != 0).sum()) for _, y in pieces))
         total = 0.0
         for x, y in pieces:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                _, loss_sum = self.forward(x, y, loss_reduction='sum')
+            loss_sum = self.loss_sum(x, y)
             (loss_sum / n_targets).backward()
             total += loss_sum.item()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_norm_clip)
         self.optimizer.step()
         return total / n_targets
+
+    def loss_sum(self, x, y):
+        """The loss summed over the non-pad targets of (x, y), under autocast when `precision` asks for it."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return self.forward(x, y, loss_reduction='sum')[1]
 
     def update_lr(self, batch_tokens):
         """With lr_decay, count the batch's tokens and set the scheduled learning rate; returns the rate."""
@@ -297,18 +288,14 @@ class Trainer:
     def evaluate_loss(self):
         """Mean loss over test_dataset's non-pad targets, in eval mode (no dropout).
 
-        Its DataLoader draws its seed from a generator of its own, so the
+        Its DataLoader seeds itself from a generator of its own, so the
         training run's random states are left as they were.
         """
         self.model.eval()
-        amp_dtype = autocast_dtype(self.config.precision, self.device)
         loader = DataLoader(self.test_dataset, batch_size=self.config.batch_size, generator=torch.Generator())
         total, count = 0.0, 0
         for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
-            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                _, loss_sum = self.model(x, y, loss_reduction='sum')
-            total += loss_sum.item()
+            total += self.loss_sum(x.to(self.device), y.to(self.device)).item()
             count += int((y != 0).sum())
         self.model.train()
         return total / max(1, count)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import batching
+import checkpoint
 import dataset
 import model
 import trainer
@@ -417,3 +418,51 @@ def test_progress_bar_shows_epoch_iteration_loss_lr(capfd):
     err = capfd.readouterr().err
     assert re.search(r'epoch 1 iter 1: train loss \d+\.\d+\. lr \d', err), err[-500:]
     assert re.search(r'epoch 2 iter 1: train loss \d+\.\d+\. lr 1\.0+e-03', err), err[-500:]
+
+
+def test_held_out_loss_ends_each_epoch_and_leaves_the_run_alone(tmp_path):
+    """With a test_dataset, each epoch ends with a test_loss line in the metrics file (the original's
+    test pass); the pass draws no random numbers, so the trained params are those of a run without it."""
+    def run(test_dataset, metrics_path):
+        utils.set_seed(5)
+        m = tiny_model(seed=5, pdrop=0.1)     # dropout on: the training's random stream matters
+        cfg = trainer.TrainerConfig(max_epochs=3, batch_size=4, learning_rate=1e-2, show_progress=False,
+                                    metrics_path=str(metrics_path))
+        t = trainer.Trainer(m, toy_dataset(n=10), test_dataset, cfg, device='cpu')
+        t.train()
+        return t
+
+    held_out = toy_dataset(n=6, seed=1)
+    with_test = run(held_out, tmp_path / 'with.jsonl')
+    without = run(None, tmp_path / 'without.jsonl')
+    expected = without.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in with_test.model.state_dict().items())
+    def read(path):  # the metrics lines without their timings
+        return [{k: v for k, v in json.loads(line).items() if k not in ('tokens_per_s', 'wall_s')}
+                for line in open(path)]
+    rows = read(tmp_path / 'with.jsonl')
+    test_rows = [r for r in rows if 'test_loss' in r]
+    assert [(r['step'], r['epoch']) for r in test_rows] == [(3, 1), (6, 2), (9, 3)]  # 3 batches an epoch
+    assert [r for r in rows if 'test_loss' not in r] == read(tmp_path / 'without.jsonl')
+    assert rows.index(test_rows[0]) == 3 and len({r['test_loss'] for r in test_rows}) == 3
+    x, y = held_out.tensors
+    with_test.model.eval()
+    with torch.no_grad():
+        _, mean_loss = with_test.model(x, y)   # the mean over non-pad targets of the whole held-out set
+    assert test_rows[-1]['test_loss'] == pytest.approx(float(mean_loss), rel=1e-5)
+
+
+def test_resumed_metrics_keep_the_checkpoints_steps_only(tmp_path):
+    """open_metrics on resume: lines up to the checkpoint's step stay; later ones go, and so does a
+    held-out loss line of that very step, since the resumed run ends that epoch again."""
+    path = tmp_path / 'm.jsonl'
+    lines = [{'step': 1, 'loss': 3.0}, {'step': 2, 'loss': 2.5}, {'step': 2, 'epoch': 1, 'test_loss': 2.7},
+             {'step': 3, 'loss': 2.0}]
+    path.write_text(''.join(json.dumps(r) + '\n' for r in lines))
+    checkpoint.open_metrics(str(path), resumed_step=2).close()
+    assert [json.loads(line) for line in open(path)] == lines[:2]
+    path.write_text(''.join(json.dumps(r) + '\n' for r in lines))
+    checkpoint.open_metrics(str(path), resumed_step=3).close()
+    assert [json.loads(line) for line in open(path)] == lines
+    checkpoint.open_metrics(str(path)).close()
+    assert path.read_text() == ''
