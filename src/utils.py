@@ -1,12 +1,11 @@
-"""Seeding, sampling and the birthplace accuracy metric.
+"""Seeding, the device, sampling, the birthplace accuracy metric, and file writing.
 
 `sample` is the simple reference decoder: one batch, the whole context re-run
 for every new token. `greedy_decode` is the fast one used by evaluation:
 prompts of equal length decoded together with a key/value cache, giving the
 same tokens as `sample` (tests hold them equal). `atomic_write` is how every
-output file is written: complete, or not at all. `check_choice` is the one
-check of a setting with a fixed set of values (`resolve_device` picks the
-default device).
+output file is written: complete, or not at all. `check_choice` is how the
+trainer refuses a setting outside its fixed set of values.
 """
 import os
 import random
