@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,7 @@ def run(src, folder, function, variant, flags):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ref', default='1d7ba19', help='the commit to compare with (default: before issue 11)')
-    parser.add_argument('--keep', help='write the runs into this folder instead of a temporary one')
+    parser.add_argument('--keep', help='write the runs into this folder (and keep them) instead of a temporary one')
     args = parser.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix='same_params.')
     old_src = os.path.join(work, 'old')
@@ -105,6 +106,8 @@ def main():
                     if old != new:
                         print(f'    {part} differs:\n      old {old!r:.300}\n      new {new!r:.300}')
     print(f'{differences} difference(s)')
+    if not args.keep:
+        shutil.rmtree(work)
     sys.exit(1 if differences else 0)
 
 
