@@ -244,7 +244,8 @@ class Runner:
             log.flush()
             offset = log.tell()
             if step.output is not None:
-                self.say(f'[run]  {step.name} (log: {seq.log})')
+                resuming = f', resuming from {step.output}.ckpt' if command[-1] == '--resume' else ''
+                self.say(f'[run]  {step.name}{resuming} (log: {seq.log})')
             self.commands.append((seq.key, self.shell(command), step, False))
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=self.env)
@@ -288,15 +289,23 @@ class Runner:
         rows = last_metrics(step.metrics, job['start'] - 1)
         return f'{key}: {step.short} {progress(rows, job.get("total"), elapsed)}'
 
-    def status(self, force=False):
+    def status_line(self, width=None):
+        """Every sequence's state; for a terminal narrower than that, the running ones and a count of the rest."""
         line = ' | '.join(self.describe(key) for key in self.order)
+        if width is not None and len(line) > width:
+            others = [key for key in self.order if key not in self.running]
+            line = ' | '.join([self.describe(key).replace(' step ', ' ') for key in self.order if key in self.running]
+                              + ([f'+{len(others)} done or waiting'] if others else []))
+        return line if width is None else line[:width]
+
+    def status(self, force=False):
         if self.tty:
-            width = shutil.get_terminal_size().columns - 1
-            sys.stdout.write('\r\033[K' + line[:width])
+            line = self.status_line(shutil.get_terminal_size().columns - 1)
+            sys.stdout.write('\r\033[K' + line)
             sys.stdout.flush()
             self.status_shown = True
         elif force or time.time() - self.last_status >= STATUS_EVERY_S:
-            print(f'[status] {line}', flush=True)
+            print(f'[status] {self.status_line()}', flush=True)
             self.last_status = time.time()
 
     def run(self):
@@ -440,8 +449,9 @@ def write_results(path, out, recipe, jobs, runner, pipeline_command):
               'PARAMS.metrics.jsonl. Wall time per step: the median time between consecutive optimizer steps in '
               'the metrics files (data loading included; runs that shared the machine share its time).', '',
               '## Commands', '',
-              'Run from the repository root, one sequence after another here (with several jobs the sequences '
-              'ran side by side); a step whose output already existed was skipped and is shown commented out.',
+              'Run from the repository root, grouped by sequence (with several jobs the sequences ran side by '
+              'side); a step whose output already existed was skipped and is shown commented out. Each log also '
+              'holds the commands of earlier, interrupted invocations.',
               '', '```']
     for key in runner.order:
         lines.append(f'# {key} (log: {runner.logs[key]})')

@@ -109,6 +109,7 @@ def test_a_failing_step_stops_its_sequence_only_and_names_its_log(two_jobs, tmp_
     assert error.startswith('pipeline stopped: step "synthesizer: finetune" failed (exit status 1)')
     assert f'log: {log}; it ends: run.py: error: ' in error  # run.py's own one-line message
     assert ' --resume\n' in log.read_text()
+    assert f'[run]  synthesizer: finetune, resuming from {out}/synthesizer.finetune.params.ckpt' in result.stdout
     assert (out / 'vanilla.pretrain.dev.predictions').is_file()  # the other sequence finished
     assert not (out / 'synthesizer.pretrain.dev.predictions').exists() and not (out / 'results.md').exists()
 
@@ -143,6 +144,10 @@ def test_the_status_line_shows_each_sequence_with_its_step_and_eta(tmp_path, cap
     assert line == ('[status] london: done | no-pretrain: failed | vanilla: pretrain step 10/5290 ETA 2h56m | '
                     'synthesizer: finetune starting (20s)\n')
     assert runner.running['synthesizer']['total'] == 50  # max_steps caps 10 epochs of 8 batches
+    # a narrow terminal: the running sequences first, the rest counted, cut at the width
+    assert runner.status_line(100) == ('vanilla: pretrain 10/5290 ETA 2h56m | synthesizer: finetune starting (20s) | '
+                                       '+2 done or waiting')
+    assert runner.status_line(20) == 'vanilla: pretrain 10'
 
 
 def test_progress_and_durations():
