@@ -1,0 +1,161 @@
+"""pipeline.py --jobs 2: sequences side by side, one log each, results.md, skips, failures, the status line.
+
+One tiny two-job pipeline run (module fixture) is shared by the tests that
+look at its outputs; the failure test reruns part of a copy of it.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+sys.path.insert(0, ROOT)
+import pipeline  # noqa: E402
+
+TINY = ['--max_steps', '2', '--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--quiet']
+OUTPUTS = ['vanilla.model.params', 'vanilla.nopretrain.dev.predictions', 'vanilla.nopretrain.test.predictions',
+           'vanilla.pretrain.params', 'vanilla.finetune.params', 'vanilla.pretrain.dev.predictions',
+           'vanilla.pretrain.test.predictions', 'synthesizer.pretrain.params', 'synthesizer.finetune.params',
+           'synthesizer.pretrain.dev.predictions', 'synthesizer.pretrain.test.predictions']
+LOGS = ['london.log', 'vanilla-nopretrain.log', 'vanilla-pretrain.log', 'synthesizer-pretrain.log']
+
+
+def run_pipeline(*args):
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'pipeline.py'), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def two_jobs(tmp_path_factory):
+    out = tmp_path_factory.mktemp('pipeline') / 'out'
+    start = time.time()
+    first = run_pipeline('--outdir', str(out), '--jobs', '2', '--', *TINY)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    return out, first, time.time() - start
+
+
+def test_two_jobs_write_every_output_and_one_log_per_sequence(two_jobs):
+    out, first, _ = two_jobs
+    assert '2 sequences at a time' in first.stdout
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    assert len((out / 'vanilla.nopretrain.dev.predictions').read_text().splitlines()) == 500
+    assert len((out / 'synthesizer.pretrain.test.predictions').read_text().splitlines()) == 437
+    assert sorted(os.listdir(out / 'logs')) == sorted(LOGS)
+    assert 'Correct: 25.0 out of 500.0: 5.0%' in (out / 'logs' / 'london.log').read_text()
+    vanilla = (out / 'logs' / 'vanilla-pretrain.log').read_text()
+    # each step's header, command and output, in the sequence's order
+    assert vanilla.index('vanilla: pretrain') < vanilla.index('pretrain vanilla: recipe=laptop') \
+        < vanilla.index('vanilla: finetune') < vanilla.index('vanilla: evaluate test')
+    assert vanilla.count('\n$ OMP_NUM_THREADS=1 ') == 4
+    assert '| London baseline | 5.0% (25/500) |' in first.stdout
+    assert '| synthesizer, pretrain + finetune |' in first.stdout
+    assert f'Results written to {out / "results.md"}' in first.stdout
+
+
+def test_results_file_has_every_row_the_machine_and_the_commands(two_jobs):
+    out, _, _ = two_jobs
+    text = (out / 'results.md').read_text()
+    import torch
+    assert '# Results: laptop recipe' in text and f'torch {torch.__version__}' in text
+    assert 'machine: no GPU; CPU ' in text and ' UTC' in text
+    rows = [line for line in text.splitlines() if line.startswith('| ') and not line.startswith('| run ')]
+    assert len(rows) == 4
+    assert rows[0].startswith('| London baseline') and '5.0% (25/500)' in rows[0] and '5.0%' in rows[0]
+    vanilla = next(row for row in rows if row.startswith('| vanilla, pretrain + finetune'))
+    cells = [cell.strip() for cell in vanilla.strip('|').split('|')]
+    assert cells[1].endswith('/500)') and cells[2] == '437'
+    assert '(mean of epoch 1, 2 steps)' in cells[3]
+    assert 'pretrain ' in cells[4] and ' ms' in cells[4] and cells[5] == 'at least 10%'
+    losses = [json.loads(line)['loss'] for line in (out / 'vanilla.pretrain.params.metrics.jsonl').open()]
+    assert cells[3].startswith(f'{sum(losses) / len(losses):.4f}')
+    assert 'well below 10%' in text and '20% – 25%' in text and '5% – 13%' in text
+    commands = [line for line in text.split('```')[1].splitlines() if line and not line.startswith('#')]
+    assert len(commands) == 12  # London and the eleven run.py steps
+    assert commands[0].endswith('london_baseline.py')
+    assert all(c.startswith('OMP_NUM_THREADS=1 ') for c in commands)
+    assert all(' --recipe laptop --max_steps 2 --n_layer 1' in c for c in commands[1:])
+    assert '--jobs 2 -- --max_steps 2' in text
+
+
+def test_a_second_run_skips_every_step_and_keeps_the_results(two_jobs):
+    out, _, _ = two_jobs
+    before = (out / 'results.md').read_text()
+    again = run_pipeline('--outdir', str(out), '--jobs', '2', '--', *TINY)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count('[skip]') == len(OUTPUTS) and '[run]' not in again.stdout
+    assert 'left as it was' in again.stdout and (out / 'results.md').read_text() == before
+    assert '| London baseline | 5.0% (25/500) |' in again.stdout
+
+
+def test_a_failing_step_stops_its_sequence_only_and_names_its_log(two_jobs, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(two_jobs[0], out)
+    for name in ('results.md', 'synthesizer.finetune.params', 'synthesizer.pretrain.dev.predictions',
+                 'vanilla.pretrain.dev.predictions'):
+        (out / name).unlink()
+    # an interrupted finetune's checkpoint, but not one run.py can read: the step runs with --resume and fails
+    (out / 'synthesizer.finetune.params.ckpt').write_bytes(b'not a checkpoint')
+    result = run_pipeline('--outdir', str(out), '--jobs', '2', '--', *TINY)
+    assert result.returncode != 0
+    error = result.stderr.strip()
+    assert '\n' not in error and 'Traceback' not in error
+    log = out / 'logs' / 'synthesizer-pretrain.log'
+    assert error.startswith('pipeline stopped: step "synthesizer: finetune" failed (exit status 1)')
+    assert f'log: {log}; it ends: run.py: error: ' in error  # run.py's own one-line message
+    assert ' --resume\n' in log.read_text()
+    assert f'[run]  synthesizer: finetune, resuming from {out}/synthesizer.finetune.params.ckpt' in result.stdout
+    assert (out / 'vanilla.pretrain.dev.predictions').is_file()  # the other sequence finished
+    assert not (out / 'synthesizer.pretrain.dev.predictions').exists() and not (out / 'results.md').exists()
+
+
+@pytest.mark.parametrize('jobs', ['0', '-2', 'two'])
+def test_jobs_below_one_is_a_one_line_usage_error(jobs, tmp_path):
+    result = run_pipeline('--outdir', str(tmp_path / 'out'), f'--jobs={jobs}')
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr.count('\n') == 1 and result.stderr.startswith('pipeline.py: error: argument --jobs:')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_the_status_line_shows_each_sequence_with_its_step_and_eta(tmp_path, capsys):
+    seqs = pipeline.sequences(str(tmp_path))
+    runner = pipeline.Runner(seqs, 2, 'laptop', [], {})
+    vanilla, synthesizer = seqs[2], seqs[3]
+    os.makedirs(tmp_path / 'logs')
+    with open(vanilla.log, 'w') as f:
+        f.write('pretrain vanilla: recipe=laptop device=cpu n_layer=4 max_epochs=230 batch_size=128 chunks=4\n')
+    with open(synthesizer.log, 'w') as f:
+        f.write('finetune synthesizer: recipe=laptop max_epochs=10 batch_size=256 max_steps=50\n')
+    now = time.time()
+    with open(vanilla.steps[0].metrics, 'w') as f:  # 10 steps at 2 s each, then an unfinished line
+        f.write(''.join(json.dumps({'step': s, 'epoch': 1, 'loss': 3.0, 'wall_s': 2.0 * s}) + '\n'
+                        for s in range(1, 11)) + '{"step": 11, "ep')
+    for key, seq, step in (('vanilla', vanilla, vanilla.steps[0]), ('synthesizer', synthesizer, synthesizer.steps[1])):
+        runner.running[key] = dict(seq=seq, step=step, start=now - 20, log_offset=0)
+    runner.state.update({'london': 'done', 'no-pretrain': 'failed'})
+    runner.status(force=True)
+    line = capsys.readouterr().out
+    # 230 epochs of ceil(2937 / 128) = 23 batches; 5280 steps left at 2 s
+    assert line == ('[status] london: done | no-pretrain: failed | vanilla: pretrain step 10/5290 ETA 2h56m | '
+                    'synthesizer: finetune starting (20s)\n')
+    assert runner.running['synthesizer']['total'] == 50  # max_steps caps 10 epochs of 8 batches
+    # a narrow terminal: the running sequences first, the rest counted, cut at the width
+    assert runner.status_line(100) == ('vanilla: pretrain 10/5290 ETA 2h56m | synthesizer: finetune starting (20s) | '
+                                       '+2 done or waiting')
+    assert runner.status_line(20) == 'vanilla: pretrain 10'
+
+
+def test_progress_and_durations():
+    rows = [{'step': 100, 'wall_s': 50.0}, {'step': 110, 'wall_s': 60.0}]
+    assert pipeline.progress(rows, 200, 60) == 'step 110/200 ETA 1m30s'
+    assert pipeline.progress(rows, None, 60) == 'step 110'
+    assert pipeline.progress([], 200, 5) == 'starting (5s)'
+    assert [pipeline.duration(s) for s in (0, 59, 60, 3599, 3600, 7325)] == ['0s', '59s', '1m00s', '59m59s',
+                                                                              '1h00m', '2h02m']
+    assert pipeline.total_steps({'max_epochs': '650', 'batch_size': '128', 'max_steps': 'None'}, 2937) == 650 * 23
+    assert pipeline.total_steps({'batch_size': '128'}, 2937) is None
