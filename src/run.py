@@ -97,6 +97,10 @@ OVERRIDES = {
     'weight_decay_on': ('train', dict(choices=trainer.WEIGHT_DECAY_ON,
                                       help="'all' (the original: every parameter but biases) or 'matrices' "
                                            "(Linear weights and the Synthesizer's w2 only)")),
+    'first_step_lr': ('train', dict(choices=trainer.FIRST_STEP_LRS,
+                                    help="'full' (the original: the schedule is applied after each step, so the "
+                                         "first step runs at the full learning rate) or 'scheduled' (every step, "
+                                         "the first included, at the scheduled rate: warmup starts from step 1)")),
     'num_workers': ('train', dict(type=int, help='DataLoader worker processes')),
     'n_layer': ('model', dict(type=int, help='number of Transformer blocks')),
     'n_head': ('model', dict(type=int, help='attention heads per block')),

@@ -21,6 +21,7 @@ import utils
 
 PRECISIONS = ('fp32', 'bf16', 'auto')   # 'auto': bf16 on a GPU that supports it, else fp32
 WEIGHT_DECAY_ON = ('all', 'matrices')   # see decays
+FIRST_STEP_LRS = ('full', 'scheduled')  # see Trainer.run_epoch
 
 
 class TrainerConfig:
@@ -44,6 +45,7 @@ class TrainerConfig:
     chunks = 1             # split each batch into this many length-sorted, trimmed pieces
     batching = 'random'    # one of batching.BATCHINGS
     weight_decay_on = 'all'  # one of WEIGHT_DECAY_ON
+    first_step_lr = 'full'   # one of FIRST_STEP_LRS: 'full' is the original (see run_epoch)
     fused_optimizer = 'auto'  # fused AdamW where the device supports it
     compile = False        # torch.compile the model
     metrics_path = None    # JSONL file: a line per optimizer step, and per epoch with a test_dataset
@@ -198,17 +200,23 @@ class Trainer:
     def run_epoch(self, batches, stop):
         """Train on each of the epoch's batches; True once max_steps is reached."""
         config, state = self.config, self.state
+        utils.check_choice('first_step_lr', config.first_step_lr, FIRST_STEP_LRS)
+        scheduled_first_step = config.lr_decay and config.first_step_lr == 'scheduled'
         self.model.train(True)
         total = math.ceil(len(self.train_dataset) / config.batch_size)
         pbar = tqdm(batches, initial=state.batches_done, total=total, disable=not config.show_progress)
         for pieces, batch_tokens in pbar:
             step_start = time.time()
+            # The original sets the learning rate after each step, so its first step runs at the
+            # full rate before warmup starts; 'scheduled' sets it before, counting this batch.
+            if scheduled_first_step:
+                lr = self.update_lr(batch_tokens)
             # forward and backward over the batch's pieces, clip the gradient, AdamW step
             loss = self.train_step(pieces)
             state.step += 1
             state.batches_done += 1
-            # the learning rate moves after the step, as in the original
-            lr = self.update_lr(batch_tokens)
+            if not scheduled_first_step:
+                lr = self.update_lr(batch_tokens)
             # report the step: progress bar, metrics line, callbacks
             pbar.set_description(f"epoch {state.epoch + 1} iter {state.batches_done - 1}: "
                                  f"train loss {loss:.5f}. lr {lr:e}")

@@ -146,6 +146,45 @@ def test_trainer_applies_schedule_after_each_step(monkeypatch, tmp_path):
     assert [r['epoch'] for r in rows] == [1] * 4 + [2] * 4
 
 
+def test_scheduled_first_step_warms_up_from_step_one(monkeypatch, tmp_path):
+    """first_step_lr='scheduled': step k runs at the rate of the tokens of batches 1..k, the first included."""
+    ds = toy_dataset(n=14, T=12)            # batches of 4, 4, 4, 2 rows per epoch
+    lr0 = 0.01
+    cfg = trainer.TrainerConfig(max_epochs=2, batch_size=4, learning_rate=lr0, lr_decay=True,
+                                warmup_tokens=100, final_tokens=250, show_progress=False,
+                                first_step_lr='scheduled', metrics_path=str(tmp_path / 'm.jsonl'))
+    record = capture_optimizer(monkeypatch)
+    trainer.Trainer(tiny_model(), ds, None, cfg, device='cpu').train()
+    tokens, total = [], 0
+    for rows in [4, 4, 4, 2] * 2:
+        total += rows * 12
+        tokens.append(total)
+    expected = [lr0 * trainer.lr_multiplier(t, cfg) for t in tokens]
+    used = [group_lrs[0] for group_lrs in record['lrs']]
+    assert used == pytest.approx(expected)
+    assert used[0] == pytest.approx(lr0 * 48 / 100)   # not the full rate, as 'full' runs its first step
+    with open(tmp_path / 'm.jsonl') as f:
+        assert [json.loads(line)['lr'] for line in f] == pytest.approx(expected)  # the rate each step ran at
+
+
+def test_first_step_lr_full_and_scheduled_differ_only_in_the_first_step(monkeypatch):
+    """Adam's first update moves a parameter by about its learning rate: 'full' by lr0, 'scheduled' less."""
+    moved = {}
+    for mode in trainer.FIRST_STEP_LRS:
+        m = tiny_model()
+        before = m.head.weight.detach().clone()
+        cfg = trainer.TrainerConfig(max_epochs=1, max_steps=1, batch_size=4, learning_rate=0.01, lr_decay=True,
+                                    warmup_tokens=480, final_tokens=5000, show_progress=False,
+                                    weight_decay=0.0, first_step_lr=mode)
+        trainer.Trainer(m, toy_dataset(), None, cfg, device='cpu').train()
+        moved[mode] = float((m.head.weight.detach() - before).abs().max())
+    assert moved['full'] == pytest.approx(0.01, rel=1e-3)
+    assert moved['scheduled'] == pytest.approx(0.01 * 48 / 480, rel=1e-3)
+    with pytest.raises(ValueError, match="unknown first_step_lr 'late'"):
+        trainer.Trainer(tiny_model(), toy_dataset(), None,
+                        trainer.TrainerConfig(first_step_lr='late', show_progress=False), device='cpu').train()
+
+
 def test_trainer_without_decay_keeps_lr(monkeypatch):
     record = capture_optimizer(monkeypatch)
     cfg = trainer.TrainerConfig(max_epochs=1, batch_size=4, learning_rate=0.02, show_progress=False)
