@@ -72,7 +72,7 @@ def laptop_recipe(n_documents, device, max_epochs=None):
     recipe = faithful_recipe(n_documents, device)
     recipe['model'] = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
     epochs = 230 if max_epochs is None else max_epochs
-    recipe['pretrain'].update(max_epochs=230, warmup_tokens=20 * 128 * (BLOCK_SIZE - 1),
+    recipe['pretrain'].update(max_epochs=230, warmup_tokens=100 * 128 * (BLOCK_SIZE - 1), first_step_lr='scheduled',
                               final_tokens=epochs * n_documents * (BLOCK_SIZE - 1), weight_decay=0.3, precision='auto')
     for key in ('finetune_scratch', 'finetune_pretrained'):
         recipe[key].update(precision='auto')
