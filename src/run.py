@@ -30,6 +30,7 @@ import batching  # noqa: E402
 import checkpoint  # noqa: E402
 import checks  # noqa: E402
 import dataset  # noqa: E402
+import gpu_path  # noqa: E402
 import model  # noqa: E402
 import trainer  # noqa: E402
 import utils  # noqa: E402
@@ -102,6 +103,12 @@ OVERRIDES = {
                                          "first step runs at the full learning rate) or 'scheduled' (every step, "
                                          "the first included, at the scheduled rate: warmup starts from step 1)")),
     'num_workers': ('train', dict(type=int, help='DataLoader worker processes')),
+    'data_path': ('train', dict(choices=gpu_path.DATA_PATHS,
+                                help="'loader' (the original: DataLoader over the dataset) or 'device': each epoch "
+                                     "built on the device at once (span corruption on tensors, same distribution)")),
+    'train_step': ('train', dict(choices=gpu_path.TRAIN_STEPS,
+                                 help="'default', 'fixed' (whole batches padded to one shape, the loss synced once "
+                                      "per epoch; same math) or 'graph' ('fixed' captured as a CUDA graph on a GPU)")),
     'n_layer': ('model', dict(type=int, help='number of Transformer blocks')),
     'n_head': ('model', dict(type=int, help='attention heads per block')),
     'n_embd': ('model', dict(type=int, help='embedding width')),

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import batching
 import checkpoint
+import gpu_path
 import utils
 
 PRECISIONS = ('fp32', 'bf16', 'auto')   # 'auto': bf16 on a GPU that supports it, else fp32
@@ -48,6 +49,8 @@ class TrainerConfig:
     first_step_lr = 'full'   # one of FIRST_STEP_LRS: 'full' is the original (see run_epoch)
     fused_optimizer = 'auto'  # fused AdamW where the device supports it
     compile = False        # torch.compile the model
+    data_path = 'loader'   # one of gpu_path.DATA_PATHS: 'device' builds each epoch on the device
+    train_step = 'default'  # one of gpu_path.TRAIN_STEPS: 'fixed'/'graph' (CUDA graph): whole batches of one shape
     metrics_path = None    # JSONL file: a line per optimizer step, and per epoch with a test_dataset
     show_progress = True
     checkpoint_path = None    # training checkpoint (full state, for resume), saved periodically and on Ctrl-C
@@ -127,6 +130,9 @@ class Trainer:
         self.state = checkpoint.TrainingState(epoch_start_state=self.data_generator.get_state())
         self.saved_optimizer = None  # from resume(), until train() has loaded it
         self.metrics = None  # the metrics file, open during train()
+        self.device_epochs = None  # gpu_path.DeviceEpochs, with data_path 'device'
+        self.fixed_step = None     # gpu_path.FixedShapeStep, with train_step 'fixed' or 'graph'
+        self.deferred = None       # gpu_path.DeferredMetrics: the lines whose loss is still on the device
 
     def add_callback(self, onevent, callback):
         """Call callback(trainer) at `onevent`: 'on_batch_end' is after every optimizer step."""
@@ -165,6 +171,7 @@ class Trainer:
                     if done:
                         break
         finally:
+            self.flush_metrics()
             if self.metrics:
                 self.metrics.close()
 
@@ -177,10 +184,26 @@ class Trainer:
             self.optimizer.load_state_dict(self.saved_optimizer)
             self.saved_optimizer = None
         self.forward = torch.compile(self.model) if config.compile else self.model
+        self.prepare_gpu_path()
         self.metrics = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
         self.start_time = time.time() - self.state.elapsed
         self.last_save = time.time()
         return resuming
+
+    def prepare_gpu_path(self):
+        """With data_path 'device' or train_step 'fixed'/'graph': the pieces of the GPU fast path (gpu_path.py)."""
+        config = self.config
+        gpu_path.check_choices(config.data_path, config.train_step)
+        if config.data_path == 'device' and self.device_epochs is None:
+            self.device_epochs = gpu_path.DeviceEpochs(self.train_dataset, self.device)
+        if config.train_step == 'default':
+            return
+        graph = config.train_step == 'graph'
+        gpu_path.use_tensor_lr(self.optimizer, self.device, capturable=graph and self.device.type == 'cuda')
+        self.fixed_step = gpu_path.FixedShapeStep(self.model, self.forward, self.optimizer, config.grad_norm_clip,
+                                                  self.amp_dtype, config.batch_size,
+                                                  gpu_path.width_of(self.train_dataset, self.model), self.device, graph)
+        self.deferred = gpu_path.DeferredMetrics()
 
     def epoch_batches(self, epoch, resuming):
         """The batches of `epoch` not yet trained on, each (pieces on the device, token count).
@@ -190,9 +213,17 @@ class Trainer:
         """
         config = self.config
         checkpoint.enter_epoch(self.state, self.data_generator, epoch, resuming)
-        batches = batching.epoch_batches(self.train_dataset, config.batch_size, self.data_generator, self.device,
-                                         batching=config.batching, chunks=config.chunks, trim=config.trim_padding,
-                                         num_workers=config.num_workers, skip=self.state.batches_done)
+        # a fixed step runs each batch whole, padded back to one shape: no trimming or chunks
+        trim = config.trim_padding and self.fixed_step is None
+        chunks = config.chunks if self.fixed_step is None else 1
+        if self.device_epochs is not None and config.batching == 'random':
+            batches = gpu_path.epoch_batches(self.device_epochs, len(self.train_dataset), config.batch_size,
+                                             self.data_generator, chunks=chunks, trim=trim,
+                                             skip=self.state.batches_done)
+        else:
+            batches = batching.epoch_batches(self.train_dataset, config.batch_size, self.data_generator, self.device,
+                                             batching=config.batching, chunks=chunks, trim=trim,
+                                             num_workers=config.num_workers, skip=self.state.batches_done)
         if resuming:
             checkpoint.set_rng_state(self.state.rng)
         return batches
@@ -217,9 +248,10 @@ class Trainer:
             state.batches_done += 1
             if not scheduled_first_step:
                 lr = self.update_lr(batch_tokens)
-            # report the step: progress bar, metrics line, callbacks
-            pbar.set_description(f"epoch {state.epoch + 1} iter {state.batches_done - 1}: "
-                                 f"train loss {loss:.5f}. lr {lr:e}")
+            # report the step: progress bar, metrics line, callbacks (a loss on the device: at the epoch's end)
+            if not torch.is_tensor(loss):
+                pbar.set_description(f"epoch {state.epoch + 1} iter {state.batches_done - 1}: "
+                                     f"train loss {loss:.5f}. lr {lr:e}")
             now = time.time()
             self.write_metrics(step=state.step, epoch=state.epoch + 1, tokens=state.tokens, loss=loss, lr=lr,
                                tokens_per_s=batch_tokens / max(now - step_start, 1e-9), wall_s=now - self.start_time)
@@ -227,11 +259,13 @@ class Trainer:
                 callback(self)
             # stop at max_steps; otherwise save a checkpoint when due, and stop here on Ctrl-C
             if self.max_steps_reached():
+                self.flush_metrics(pbar)
                 return True
             self.save_checkpoint_if_due(stop)
             if stop.signal_name:
                 pbar.close()
                 raise checkpoint.TrainingInterrupted(stop.signal_name, state.step, state.epoch, config.checkpoint_path)
+        self.flush_metrics(pbar)
         return False
 
     def train_step(self, pieces):
@@ -239,7 +273,12 @@ class Trainer:
 
         Each piece's summed loss is divided by the count of the whole batch's
         targets, so the pieces' gradients add up to those of the batch's mean.
+        With train_step 'fixed' or 'graph' the batch is one piece and the
+        loss comes back as a tensor on the device (gpu_path.FixedShapeStep).
         """
+        if self.fixed_step is not None:
+            (x, y), = pieces
+            return self.fixed_step(x, y)
         self.model.zero_grad(set_to_none=True)
         n_targets = max(1, sum(int((y != 0).sum()) for _, y in pieces))
         total = 0.0
@@ -263,13 +302,23 @@ class Trainer:
             return config.learning_rate
         self.state.tokens += batch_tokens
         lr = config.learning_rate * lr_multiplier(self.state.tokens, config)
-        for param_group in self.optimizer.param_groups:
-            param_group['lr'] = lr
+        gpu_path.set_lr(self.optimizer, lr)  # in place where the rate is a tensor (train_step 'fixed'/'graph')
         return lr
 
     def write_metrics(self, **record):
-        if self.metrics:
+        if self.deferred is not None and torch.is_tensor(record.get('loss')):
+            self.deferred.add(record)
+        elif self.metrics:
             self.metrics.write(json.dumps(record) + '\n')
+
+    def flush_metrics(self, pbar=None):
+        """Write the held lines whose loss was on the device (one host sync); show the last loss on the bar."""
+        if self.deferred is None:
+            return
+        last = self.deferred.flush(lambda record: self.write_metrics(**record))
+        if pbar is not None and last is not None:
+            pbar.set_description(f"epoch {last['epoch']} iter {self.state.batches_done - 1}: "
+                                 f"train loss {last['loss']:.5f}. lr {last['lr']:e}")
 
     def max_steps_reached(self):
         return self.config.max_steps is not None and self.state.step >= self.config.max_steps
@@ -281,6 +330,7 @@ class Trainer:
             return
         if stop.signal_name or time.time() - self.last_save >= config.checkpoint_minutes * 60:
             self.state.elapsed = time.time() - self.start_time
+            self.flush_metrics()  # the metrics file holds every step up to the checkpoint's
             checkpoint.save(config.checkpoint_path, self.model, self.optimizer, self.state, config.checkpoint_info)
             self.last_save = time.time()
 
