@@ -195,6 +195,7 @@ def input_paths(args):
 
 def build_model(args, vocab_size, model_settings, device):
     """The GPT of this run, with the --reading_params_path params (checked to fit) when given."""
+    checks.check_model_size(model_settings, vocab_size, BLOCK_SIZE, training=args.function != 'evaluate')
     config = model.GPTConfig(vocab_size, BLOCK_SIZE, synthesizer=args.variant == 'synthesizer', **model_settings)
     gpt = model.GPT(config)
     if args.reading_params_path:
