@@ -356,6 +356,13 @@ def main(argv=None):
         print(f'Interrupted ({e.signal_name}) at step {e.step}; checkpoint saved to {e.path}. '
               f'Resume with: {resume_command(argv)}', file=sys.stderr)
         sys.exit(128 + signal.Signals[e.signal_name].value)
+    except trainer.TrainingDiverged as e:
+        kept = (f'the last checkpoint, {checkpoint_path}, is intact: delete it to start afresh, or go on from it '
+                f'with {resume_command(argv)} --learning_rate LOWER' if os.path.exists(checkpoint_path)
+                else 'no checkpoint was saved before it')
+        print(f'run.py: error: training diverged: {e}, learning rate {e.learning_rate:g}; no params were written. '
+              f'Try a lower --learning_rate; {kept}', file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         if checkpoint_path and os.path.exists(checkpoint_path):
             print(f'Interrupted; the last checkpoint, {checkpoint_path}, is intact. '

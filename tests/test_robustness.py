@@ -4,6 +4,7 @@ Most cases call run.main(argv) in-process (SystemExit carries the status); a
 few go through a real `python src/run.py` subprocess. Every failing case also
 checks that no file appeared in the folder it would have written to.
 """
+import json
 import os
 import subprocess
 import sys
@@ -594,3 +595,81 @@ def test_interrupted_predictions_write_keeps_previous_file(tmp_path, capsys, mon
     assert code == 130 and 'Traceback' not in err and 'no predictions were written' in err
     assert out_path.read_text() == 'previous predictions\n'
     assert sorted(os.listdir(tmp_path)) == ['dev.tsv', 'out.pred', 'vanilla.params']
+
+
+# --- a diverging run -------------------------------------------------------------
+
+def test_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, capsys):
+    """lr 1e6: step 1 is finite, step 2's loss is nan; one line, exit 1, no params, the step-1 checkpoint kept."""
+    out_path = tmp_path / 'x.params'
+    argv = ['pretrain', 'vanilla', WIKI, '--writing_params_path', out_path, '--n_layer', '1', '--n_head', '2',
+            '--n_embd', '16', '--batch_size', '8', '--max_steps', '50', '--quiet',
+            '--learning_rate', '1e6', '--checkpoint_minutes', '0']
+    code, out, err = call(argv, capsys)
+    assert_one_error_line(code, err, 1, 'training diverged: the loss is nan at step 2 (epoch 1)',
+                          'no params were written', 'Try a lower --learning_rate',
+                          f'the last checkpoint, {out_path}.ckpt, is intact: delete it to start afresh',
+                          '--resume --learning_rate LOWER')
+    assert not out_path.exists()
+    saved = torch.load(f'{out_path}.ckpt', map_location='cpu', weights_only=True)
+    assert saved['step'] == 1
+    assert all(bool(torch.isfinite(t).all()) for t in saved['model'].values())
+    with open(f'{out_path}.metrics.jsonl') as f:
+        assert [json.loads(line)['step'] for line in f] == [1]
+
+
+def test_diverging_run_without_checkpoint(tmp_path, capsys):
+    code, out, err = call(['pretrain', 'vanilla', WIKI, '--writing_params_path', tmp_path / 'x.params']
+                          + ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--batch_size', '8', '--quiet',
+                             '--max_steps', '20', '--learning_rate', '1e6'], capsys)
+    assert_one_error_line(code, err, 1, 'the loss is nan at step 2', 'no checkpoint was saved before it')
+    assert listing(tmp_path) == ['x.params.metrics.jsonl']
+
+
+def tiny_trainer(tmp_path, gpt):
+    import trainer
+    data = dataset.NameDataset(dataset.CharCorruptionDataset('abc def\nghi\n', run.BLOCK_SIZE), 'ab\tc\nde\tf\n')
+    config = trainer.TrainerConfig(max_epochs=1, batch_size=2, show_progress=False, learning_rate=1e-3,
+                                   checkpoint_path=str(tmp_path / 'x.ckpt'), checkpoint_minutes=0)
+    return trainer.Trainer(gpt, data, None, config, device='cpu')
+
+
+def test_non_finite_loss_changes_nothing(tmp_path):
+    import trainer
+    gpt = model.GPT(model.GPTConfig(12, run.BLOCK_SIZE, n_layer=1, n_head=2, n_embd=8))
+    with torch.no_grad():
+        gpt.head.weight[3, 0] = float('inf')
+    before = {k: v.clone() for k, v in gpt.state_dict().items()}
+    t = tiny_trainer(tmp_path, gpt)
+    with pytest.raises(trainer.TrainingDiverged, match=r'the loss is (nan|inf) at step 1 \(epoch 1\)'):
+        t.train()
+    after = gpt.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert t.optimizer.state_dict()['state'] == {} and t.state.step == 0
+    assert not os.path.exists(tmp_path / 'x.ckpt')
+
+
+def test_resume_applies_the_new_learning_rate_and_weight_decay(tmp_path):
+    """The optimizer state a checkpoint holds carries the old run's rate and decay; a resumed run uses its own."""
+    import checkpoint
+    gpt = model.GPT(model.GPTConfig(12, run.BLOCK_SIZE, n_layer=1, n_head=2, n_embd=8))
+    first = tiny_trainer(tmp_path, gpt)
+    first.config.batch_size, first.config.max_steps = 1, 2  # a checkpoint after step 1
+    first.train()
+    resumed = tiny_trainer(tmp_path, gpt)
+    resumed.config.learning_rate, resumed.config.weight_decay = 5e-2, 0.25
+    resumed.resume(checkpoint.load(str(tmp_path / 'x.ckpt')))
+    resumed.prepare()
+    assert [g['lr'] for g in resumed.optimizer.param_groups] == [5e-2, 5e-2]
+    assert [g['weight_decay'] for g in resumed.optimizer.param_groups] == [0.25, 0.0]
+
+
+def test_non_finite_gradient_norm_with_a_finite_loss(tmp_path, monkeypatch):
+    import trainer
+    gpt = model.GPT(model.GPTConfig(12, run.BLOCK_SIZE, n_layer=1, n_head=2, n_embd=8))
+    before = {k: v.clone() for k, v in gpt.state_dict().items()}
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', lambda *a, **k: torch.tensor(float('inf')))
+    with pytest.raises(trainer.TrainingDiverged, match='the gradient norm is inf at step 1'):
+        tiny_trainer(tmp_path, gpt).train()
+    assert all(torch.equal(before[k], v) for k, v in gpt.state_dict().items())
+
