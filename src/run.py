@@ -305,6 +305,7 @@ def evaluate(args, gpt, pretrain_dataset, device, questions, unknown):
         print(f'Predictions written to {args.outputs_path}; no targets provided')
 
 
+@utils.flush_denormals()  # before any computation, so that every CPU thread flushes (utils.flush_denormals)
 def run(args):
     """Check every input, then pretrain, finetune or evaluate as `args` say."""
     checks.check_flags(args)

@@ -673,3 +673,79 @@ def test_non_finite_gradient_norm_with_a_finite_loss(tmp_path, monkeypatch):
         tiny_trainer(tmp_path, gpt).train()
     assert all(torch.equal(before[k], v) for k, v in gpt.state_dict().items())
 
+
+# --- denormal floats -------------------------------------------------------------
+
+def denormal_model(vocab_size, **sizes):
+    """A TINY model whose attention and MLP matrices are scaled into float32's denormal range (below 1.2e-38)."""
+    settings = dict(n_layer=1, n_head=2, n_embd=16)
+    settings.update(sizes)
+    utils.set_seed(0)
+    gpt = model.GPT(model.GPTConfig(vocab_size, run.BLOCK_SIZE, **settings))
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if p.dim() == 2 and ('.attn.' in name or '.mlp.' in name):
+                p.mul_(1e-37)
+    return gpt
+
+
+def test_flush_denormals_sets_and_restores(wiki_vocab):
+    assert not utils.denormals_flushed()
+    with utils.flush_denormals():
+        assert float(torch.full((1,), 1e-39) * 1.5) == 0.0
+        with utils.flush_denormals():
+            pass
+        assert float(torch.full((1,), 1e-39) * 1.5) == 0.0  # an inner block restores the outer's setting
+    assert float(torch.full((1,), 1e-39) * 1.5) > 0
+
+
+def test_greedy_decode_flushes_and_predicts_as_the_reference(wiki_vocab, dev_small):
+    """Denormals through the whole forward: greedy_decode (flushing) and sample (not) agree token for token."""
+    gpt = denormal_model(wiki_vocab.vocab_size).eval()
+    stoi = wiki_vocab.stoi
+    with open(dev_small, encoding='utf-8') as f:
+        questions = [line.split('\t')[0] for line in f.read().split('\n') if line]
+    prompts = [[stoi[c] for c in q + wiki_vocab.MASK_CHAR] for q in questions]
+    decoded = utils.greedy_decode(gpt, prompts, 32)
+    assert not utils.denormals_flushed()  # restored
+    for prompt, continuation in zip(prompts, decoded):
+        reference = utils.sample(gpt, torch.tensor([prompt]), 32)[0, len(prompt):].tolist()
+        assert continuation == reference
+
+
+def test_run_flushes_denormals_on_every_thread(tmp_path, wiki_vocab, dev_small):
+    """In a run.py process with two threads, every thread flushes while run() works, and importing changes nothing."""
+    gpt = denormal_model(wiki_vocab.vocab_size)
+    params_path = str(tmp_path / 'denormal.params')
+    torch.save(gpt.state_dict(), params_path)
+    script = f'''
+import sys
+sys.path.insert(0, {SRC!r})
+import torch
+import dataset, model, run, trainer, utils
+torch.set_num_threads(2)
+print('imported', float(torch.full((1,), 1e-39) * 1.5) == 0)  # this thread only: it starts no worker threads
+evaluate = run.evaluate
+def spy(*args):
+    print('evaluate', utils.denormals_flushed())
+    evaluate(*args)
+run.evaluate = spy
+run.main(sys.argv[1:])
+'''
+    argv = ['evaluate', 'vanilla', WIKI, '--reading_params_path', params_path, '--eval_corpus_path', dev_small,
+            '--outputs_path', tmp_path / 'flushed', '--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--quiet']
+    p = subprocess.run([sys.executable, '-c', script] + [str(a) for a in argv], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS='2'), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert 'imported False' in p.stdout and 'evaluate True' in p.stdout
+    # the predictions are those of the reference decoder without flushing
+    with open(tmp_path / 'flushed', encoding='utf-8') as f:
+        predictions = f.read().split('\n')[:-1]
+    mask = wiki_vocab.MASK_CHAR
+    with open(dev_small, encoding='utf-8') as f:
+        questions = [line.split('\t')[0] for line in f.read().split('\n') if line]
+    for question, prediction in zip(questions, predictions):
+        x = torch.tensor([[wiki_vocab.stoi[c] for c in question + mask]])
+        out = ''.join(wiki_vocab.itos[int(i)] for i in utils.sample(gpt.eval(), x, 32)[0])
+        assert out.split(mask)[1] == prediction
+    assert len(predictions) == len(questions)
