@@ -4,6 +4,7 @@ Each problem raises BadInput carrying one line that says what is wrong and
 what to do; run.py prints it and exits with its code: USAGE (2) for a mistake
 in the flags, BAD_FILE (1) for a file that cannot be used.
 """
+import math
 import os
 import re
 import warnings
@@ -16,6 +17,7 @@ import utils
 
 USAGE = 2
 BAD_FILE = 1
+MAX_SEED = 2 ** 32 - 1  # np.random.seed's limit (utils.set_seed seeds numpy too)
 
 # The flags each function needs.
 REQUIRED = {
@@ -49,8 +51,13 @@ def check_flags(args):
     if args.function == 'evaluate' and args.resume:
         raise BadInput('--resume continues an interrupted pretrain or finetune run; evaluate has nothing to resume',
                        USAGE)
-    if args.checkpoint_minutes is not None and args.checkpoint_minutes < 0:
-        raise BadInput(f'--checkpoint_minutes must be 0 or more, got {args.checkpoint_minutes}', USAGE)
+    if args.checkpoint_minutes is not None and not (math.isfinite(args.checkpoint_minutes)
+                                                    and args.checkpoint_minutes >= 0):
+        raise BadInput(f'--checkpoint_minutes must be a finite number, 0 or more, got {args.checkpoint_minutes}',
+                       USAGE)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise BadInput(f'--seed must be a whole number from 0 to {MAX_SEED} (2**32 - 1, what numpy accepts), '
+                       f'got {args.seed}', USAGE)
 
 
 def check_settings(model_settings, train_settings):
@@ -63,15 +70,37 @@ def check_settings(model_settings, train_settings):
     if settings['n_embd'] % settings['n_head'] != 0:
         raise BadInput(f"--n_embd {settings['n_embd']} is not divisible by --n_head {settings['n_head']}: "
                        f"each head gets n_embd / n_head dimensions", USAGE)
-    if settings.get('learning_rate', 1) <= 0:
-        raise BadInput(f"--learning_rate must be positive, got {settings['learning_rate']}", USAGE)
-    if settings.get('weight_decay', 0) < 0:
-        raise BadInput(f"--weight_decay must be 0 or more, got {settings['weight_decay']}", USAGE)
+    # `not (ok)` so that nan, which fails every comparison, is refused too
+    if not (math.isfinite(settings.get('learning_rate', 1)) and settings.get('learning_rate', 1) > 0):
+        raise BadInput(f"--learning_rate must be a finite number above 0, got {settings['learning_rate']}", USAGE)
+    if not (math.isfinite(settings.get('weight_decay', 0)) and settings.get('weight_decay', 0) >= 0):
+        raise BadInput(f"--weight_decay must be a finite number, 0 or more, got {settings['weight_decay']}", USAGE)
     if settings.get('num_workers', 0) < 0:
         raise BadInput(f"--num_workers must be 0 or more, got {settings['num_workers']}", USAGE)
     for name in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
         if not 0 <= settings.get(name, 0) < 1:
             raise BadInput(f'--dropout must be in [0, 1), got {settings[name]}', USAGE)
+
+
+def check_model_size(model_settings, vocab_size, block_size, training):
+    """The model's parameters (with gradients and AdamW's two moments when training) fit in this machine's memory.
+
+    A model far too large for the memory would otherwise fail with the
+    allocator's traceback, or fill the memory layer by layer first. The count
+    is a lower bound for both variants, so no model that fits is refused.
+    """
+    d, layers = model_settings['n_embd'], model_settings['n_layer']
+    count = 2 * vocab_size * d + block_size * d + 2 * d + layers * (11 * d * d + 12 * d)
+    needed = 4 * count * (4 if training else 1)  # float32 bytes
+    try:
+        memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > memory:
+        what = 'to train (params, gradients and AdamW moments)' if training else 'for its params'
+        raise BadInput(f'--n_layer {layers} --n_embd {d}: the model has at least {count:,} parameters and needs '
+                       f'{needed / 2 ** 30:,.1f} GiB {what}, more than the {memory / 2 ** 30:,.1f} GiB of memory '
+                       f'here; use a smaller --n_layer or --n_embd', USAGE)
 
 
 def check_device(name):

@@ -206,6 +206,7 @@ def input_paths(args):
 
 def build_model(args, vocab_size, model_settings, device):
     """The GPT of this run, with the --reading_params_path params (checked to fit) when given."""
+    checks.check_model_size(model_settings, vocab_size, BLOCK_SIZE, training=args.function != 'evaluate')
     config = model.GPTConfig(vocab_size, BLOCK_SIZE, synthesizer=args.variant == 'synthesizer', **model_settings)
     gpt = model.GPT(config)
     if args.reading_params_path:
@@ -315,6 +316,7 @@ def evaluate(args, gpt, pretrain_dataset, device, questions, unknown):
         print(f'Predictions written to {args.outputs_path}; no targets provided')
 
 
+@utils.flush_denormals()  # before any computation, so that every CPU thread flushes (utils.flush_denormals)
 def run(args):
     """Check every input, then pretrain, finetune or evaluate as `args` say."""
     checks.check_flags(args)
@@ -366,6 +368,13 @@ def main(argv=None):
         print(f'Interrupted ({e.signal_name}) at step {e.step}; checkpoint saved to {e.path}. '
               f'Resume with: {resume_command(argv)}', file=sys.stderr)
         sys.exit(128 + signal.Signals[e.signal_name].value)
+    except trainer.TrainingDiverged as e:
+        kept = (f'the last checkpoint, {checkpoint_path}, is intact: delete it to start afresh, or go on from it '
+                f'with {resume_command(argv)} --learning_rate LOWER' if os.path.exists(checkpoint_path)
+                else 'no checkpoint was saved before it')
+        print(f'run.py: error: training diverged: {e}, learning rate {e.learning_rate:g}; no params were written. '
+              f'Try a lower --learning_rate; {kept}', file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         if checkpoint_path and os.path.exists(checkpoint_path):
             print(f'Interrupted; the last checkpoint, {checkpoint_path}, is intact. '

@@ -25,6 +25,19 @@ WEIGHT_DECAY_ON = ('all', 'matrices')   # see decays
 FIRST_STEP_LRS = ('full', 'scheduled')  # see Trainer.run_epoch
 
 
+class TrainingDiverged(Exception):
+    """Raised by Trainer.train() at the first non-finite loss or gradient norm, before that step changes anything.
+
+    The model and optimizer keep the previous step's values, and no training
+    checkpoint is saved for the failed step, so the last one saved stays the
+    last good one.
+    """
+
+    def __init__(self, step, epoch, what, value, learning_rate):
+        super().__init__(f'the {what} is {value} at step {step} (epoch {epoch + 1})')
+        self.step, self.epoch, self.what, self.value, self.learning_rate = step, epoch, what, value, learning_rate
+
+
 class TrainerConfig:
     """Optimisation settings; every keyword becomes an attribute."""
     # the original's settings
@@ -181,8 +194,14 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config, self.device)
         resuming = self.saved_optimizer is not None
         if resuming:
+            decay = [group['weight_decay'] for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(self.saved_optimizer)
             self.saved_optimizer = None
+            # the saved groups hold the interrupted run's rate and decay: this run's settings apply
+            # (the same values when they did not change, so an exact resume stays exact)
+            lr = config.learning_rate * (lr_multiplier(self.state.tokens, config) if config.lr_decay else 1)
+            for group, weight_decay in zip(self.optimizer.param_groups, decay):
+                group.update(lr=lr, weight_decay=weight_decay)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.prepare_gpu_path()
         self.metrics = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
@@ -243,7 +262,11 @@ class Trainer:
             if scheduled_first_step:
                 lr = self.update_lr(batch_tokens)
             # forward and backward over the batch's pieces, clip the gradient, AdamW step
-            loss = self.train_step(pieces)
+            try:
+                loss = self.train_step(pieces)
+            except TrainingDiverged:
+                pbar.close()
+                raise
             state.step += 1
             state.batches_done += 1
             if not scheduled_first_step:
@@ -286,9 +309,18 @@ class Trainer:
             loss_sum = self.loss_sum(x, y)
             (loss_sum / n_targets).backward()
             total += loss_sum.item()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_norm_clip)
+        # a diverged run stops before its step: nan or inf would spread to every parameter
+        self.check_finite('loss', total / n_targets)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_norm_clip)
+        self.check_finite('gradient norm', float(norm))
         self.optimizer.step()
         return total / n_targets
+
+    def check_finite(self, what, value):
+        """TrainingDiverged unless `value`, this step's loss or gradient norm, is a finite number."""
+        if not math.isfinite(value):
+            lr = self.optimizer.param_groups[0]['lr']
+            raise TrainingDiverged(self.state.step + 1, self.state.epoch, what, value, lr)
 
     def loss_sum(self, x, y):
         """The loss summed over the non-pad targets of (x, y), under autocast when `precision` asks for it."""

@@ -41,6 +41,45 @@ def check_choice(name, value, allowed):
         raise ValueError(f'unknown {name} {value!r}: use {options}')
 
 
+def denormals_flushed():
+    """Whether float32 denormals are flushed to zero on this thread and on the intra-op threads in use.
+
+    Both probes give 0 only when flushing is on: a product of a denormal, and
+    a matrix product whose terms are denormals (their sums would be normal).
+    Each is large enough to be split across the threads that run it, ATen's
+    and the matrix library's, so one thread that does not flush leaves non-zeros.
+    """
+    tiny = torch.full((512, 512), 1e-20)
+    return not (bool(torch.full((1 << 17,), 1e-39).mul_(1.5).any()) or bool((tiny @ tiny).any()))
+
+
+@contextmanager
+def flush_denormals():
+    """Inside, the CPU flushes float32 denormals (magnitude below 1.2e-38) to zero; the state before is restored.
+
+    Arithmetic on denormals is up to 100 times slower on x86 CPUs, and some
+    weights (PyTorch's default initialisation of this model was seen to do it)
+    make a forward pass produce them: evaluation then took 5 minutes instead
+    of 5 seconds (bench/denormals.py). Flushing them changes nothing else: a
+    denormal is below float32's precision beside any normal number it is
+    added to (bench/denormals.py and tests compare predictions and params).
+
+    The setting belongs to each thread. The matrix library's worker threads
+    take it from the thread that starts them, at the first parallel matrix
+    product, so it reaches them only when that product runs inside this block,
+    as in a run.py process (denormals_flushed tells); otherwise it covers the
+    calling thread and ATen's own threads. Also usable as a decorator. GPU
+    arithmetic is not affected.
+    """
+    # a one-element probe: it runs on this thread only, so it starts no worker threads before the setting
+    before = not bool(torch.full((1,), 1e-39).mul_(1.5).any())
+    torch.set_flush_denormal(True)  # False, and nothing changes, on a CPU without the setting
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
 def top_k_logits(logits, k):
     v, ix = torch.topk(logits, k)
     out = logits.clone()
@@ -71,6 +110,7 @@ def sample(model, x, steps, temperature=1.0, sample=False, top_k=None):
     return x
 
 
+@flush_denormals()
 @torch.inference_mode()
 def greedy_decode(model, prompts, steps, device='cpu', batch_size=512, show_progress=False, stop_id=None):
     """Greedy continuations of `steps` tokens for each prompt (a list of token-id lists).

@@ -4,6 +4,7 @@ Most cases call run.main(argv) in-process (SystemExit carries the status); a
 few go through a real `python src/run.py` subprocess. Every failing case also
 checks that no file appeared in the folder it would have written to.
 """
+import json
 import os
 import subprocess
 import sys
@@ -158,13 +159,33 @@ def test_missing_flag(tmp_path, capsys, argv, words):
 @pytest.mark.parametrize('extra, words', [
     (['--n_embd', '15'], ['--n_embd 15 is not divisible by --n_head 2']),
     (['--batch_size', '0'], ['--batch_size must be at least 1']),
-    (['--learning_rate', '-1'], ['--learning_rate must be positive']),
-    (['--weight_decay', '-0.1'], ['--weight_decay must be 0 or more']),
+    (['--learning_rate', '-1'], ['--learning_rate must be a finite number above 0, got -1.0']),
+    (['--learning_rate', 'nan'], ['--learning_rate must be a finite number above 0, got nan']),
+    (['--learning_rate', 'inf'], ['--learning_rate must be a finite number above 0, got inf']),
+    (['--learning_rate', '0'], ['--learning_rate must be a finite number above 0, got 0.0']),
+    (['--weight_decay', '-0.1'], ['--weight_decay must be a finite number, 0 or more, got -0.1']),
+    (['--weight_decay', 'nan'], ['--weight_decay must be a finite number, 0 or more, got nan']),
+    (['--weight_decay', '1e999'], ['--weight_decay must be a finite number, 0 or more, got inf']),
     (['--dropout', '1.5'], ['--dropout must be in [0, 1)']),
+    (['--dropout', 'nan'], ['--dropout must be in [0, 1), got nan']),
+    (['--dropout=-inf'], ['--dropout must be in [0, 1), got -inf']),
+    (['--checkpoint_minutes', 'nan'], ['--checkpoint_minutes must be a finite number, 0 or more, got nan']),
+    (['--checkpoint_minutes', 'inf'], ['--checkpoint_minutes must be a finite number, 0 or more, got inf']),
+    (['--max_epochs', '0'], ['--max_epochs must be at least 1']),
+    (['--max_steps', '-3'], ['--max_steps must be at least 1']),
+    (['--chunks', '0'], ['--chunks must be at least 1']),
+    (['--n_layer', '0'], ['--n_layer must be at least 1']),
+    (['--n_head', '0'], ['--n_head must be at least 1']),
+    (['--num_workers', '-1'], ['--num_workers must be 0 or more']),
+    (['--seed', '-1'], ['--seed must be a whole number from 0 to 4294967295', 'got -1']),
+    (['--seed', str(2 ** 32)], ['--seed must be a whole number from 0 to 4294967295']),
+    (['--n_layer', '1000000000'], ['the model has at least', 'GiB', 'use a smaller --n_layer or --n_embd']),
+    (['--n_embd', '100000000', '--n_head', '1'], ['the model has at least', 'use a smaller --n_layer or --n_embd']),
+    (['--learning_rate', 'fast'], ["argument --learning_rate: invalid float value: 'fast'"]),
     (['--precision', 'fp16'], ["argument --precision: invalid choice: 'fp16'", "'fp32', 'bf16', 'auto'"]),
     (['--batching', 'sorted'], ["argument --batching: invalid choice: 'sorted'", "'random', 'stratified'"]),
     (['--weight_decay_on', 'norms'], ["argument --weight_decay_on: invalid choice: 'norms'", "'all', 'matrices'"]),
-    (['--checkpoint_minutes', '-1'], ['--checkpoint_minutes must be 0 or more']),
+    (['--checkpoint_minutes', '-1'], ['--checkpoint_minutes must be a finite number, 0 or more']),
     (['--device', 'no-such-device'], ['--device no-such-device: not usable here']),
     (['--resume'], []),  # checked below: pretrain --resume without a checkpoint is a file error
 ])
@@ -574,3 +595,157 @@ def test_interrupted_predictions_write_keeps_previous_file(tmp_path, capsys, mon
     assert code == 130 and 'Traceback' not in err and 'no predictions were written' in err
     assert out_path.read_text() == 'previous predictions\n'
     assert sorted(os.listdir(tmp_path)) == ['dev.tsv', 'out.pred', 'vanilla.params']
+
+
+# --- a diverging run -------------------------------------------------------------
+
+def test_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, capsys):
+    """lr 1e6: step 1 is finite, step 2's loss is nan; one line, exit 1, no params, the step-1 checkpoint kept."""
+    out_path = tmp_path / 'x.params'
+    argv = ['pretrain', 'vanilla', WIKI, '--writing_params_path', out_path, '--n_layer', '1', '--n_head', '2',
+            '--n_embd', '16', '--batch_size', '8', '--max_steps', '50', '--quiet',
+            '--learning_rate', '1e6', '--checkpoint_minutes', '0']
+    code, out, err = call(argv, capsys)
+    assert_one_error_line(code, err, 1, 'training diverged: the loss is nan at step 2 (epoch 1)',
+                          'no params were written', 'Try a lower --learning_rate',
+                          f'the last checkpoint, {out_path}.ckpt, is intact: delete it to start afresh',
+                          '--resume --learning_rate LOWER')
+    assert not out_path.exists()
+    saved = torch.load(f'{out_path}.ckpt', map_location='cpu', weights_only=True)
+    assert saved['step'] == 1
+    assert all(bool(torch.isfinite(t).all()) for t in saved['model'].values())
+    with open(f'{out_path}.metrics.jsonl') as f:
+        assert [json.loads(line)['step'] for line in f] == [1]
+
+
+def test_diverging_run_without_checkpoint(tmp_path, capsys):
+    code, out, err = call(['pretrain', 'vanilla', WIKI, '--writing_params_path', tmp_path / 'x.params']
+                          + ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--batch_size', '8', '--quiet',
+                             '--max_steps', '20', '--learning_rate', '1e6'], capsys)
+    assert_one_error_line(code, err, 1, 'the loss is nan at step 2', 'no checkpoint was saved before it')
+    assert listing(tmp_path) == ['x.params.metrics.jsonl']
+
+
+def tiny_trainer(tmp_path, gpt):
+    import trainer
+    data = dataset.NameDataset(dataset.CharCorruptionDataset('abc def\nghi\n', run.BLOCK_SIZE), 'ab\tc\nde\tf\n')
+    config = trainer.TrainerConfig(max_epochs=1, batch_size=2, show_progress=False, learning_rate=1e-3,
+                                   checkpoint_path=str(tmp_path / 'x.ckpt'), checkpoint_minutes=0)
+    return trainer.Trainer(gpt, data, None, config, device='cpu')
+
+
+def test_non_finite_loss_changes_nothing(tmp_path):
+    import trainer
+    gpt = model.GPT(model.GPTConfig(12, run.BLOCK_SIZE, n_layer=1, n_head=2, n_embd=8))
+    with torch.no_grad():
+        gpt.head.weight[3, 0] = float('inf')
+    before = {k: v.clone() for k, v in gpt.state_dict().items()}
+    t = tiny_trainer(tmp_path, gpt)
+    with pytest.raises(trainer.TrainingDiverged, match=r'the loss is (nan|inf) at step 1 \(epoch 1\)'):
+        t.train()
+    after = gpt.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert t.optimizer.state_dict()['state'] == {} and t.state.step == 0
+    assert not os.path.exists(tmp_path / 'x.ckpt')
+
+
+def test_resume_applies_the_new_learning_rate_and_weight_decay(tmp_path):
+    """The optimizer state a checkpoint holds carries the old run's rate and decay; a resumed run uses its own."""
+    import checkpoint
+    gpt = model.GPT(model.GPTConfig(12, run.BLOCK_SIZE, n_layer=1, n_head=2, n_embd=8))
+    first = tiny_trainer(tmp_path, gpt)
+    first.config.batch_size, first.config.max_steps = 1, 2  # a checkpoint after step 1
+    first.train()
+    resumed = tiny_trainer(tmp_path, gpt)
+    resumed.config.learning_rate, resumed.config.weight_decay = 5e-2, 0.25
+    resumed.resume(checkpoint.load(str(tmp_path / 'x.ckpt')))
+    resumed.prepare()
+    assert [g['lr'] for g in resumed.optimizer.param_groups] == [5e-2, 5e-2]
+    assert [g['weight_decay'] for g in resumed.optimizer.param_groups] == [0.25, 0.0]
+
+
+def test_non_finite_gradient_norm_with_a_finite_loss(tmp_path, monkeypatch):
+    import trainer
+    gpt = model.GPT(model.GPTConfig(12, run.BLOCK_SIZE, n_layer=1, n_head=2, n_embd=8))
+    before = {k: v.clone() for k, v in gpt.state_dict().items()}
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', lambda *a, **k: torch.tensor(float('inf')))
+    with pytest.raises(trainer.TrainingDiverged, match='the gradient norm is inf at step 1'):
+        tiny_trainer(tmp_path, gpt).train()
+    assert all(torch.equal(before[k], v) for k, v in gpt.state_dict().items())
+
+
+# --- denormal floats -------------------------------------------------------------
+
+def denormal_model(vocab_size, **sizes):
+    """A TINY model whose attention and MLP matrices are scaled into float32's denormal range (below 1.2e-38)."""
+    settings = dict(n_layer=1, n_head=2, n_embd=16)
+    settings.update(sizes)
+    utils.set_seed(0)
+    gpt = model.GPT(model.GPTConfig(vocab_size, run.BLOCK_SIZE, **settings))
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if p.dim() == 2 and ('.attn.' in name or '.mlp.' in name):
+                p.mul_(1e-37)
+    return gpt
+
+
+def test_flush_denormals_sets_and_restores(wiki_vocab):
+    assert not utils.denormals_flushed()
+    with utils.flush_denormals():
+        assert float(torch.full((1,), 1e-39) * 1.5) == 0.0
+        with utils.flush_denormals():
+            pass
+        assert float(torch.full((1,), 1e-39) * 1.5) == 0.0  # an inner block restores the outer's setting
+    assert float(torch.full((1,), 1e-39) * 1.5) > 0
+
+
+def test_greedy_decode_flushes_and_predicts_as_the_reference(wiki_vocab, dev_small):
+    """Denormals through the whole forward: greedy_decode (flushing) and sample (not) agree token for token."""
+    gpt = denormal_model(wiki_vocab.vocab_size).eval()
+    stoi = wiki_vocab.stoi
+    with open(dev_small, encoding='utf-8') as f:
+        questions = [line.split('\t')[0] for line in f.read().split('\n') if line]
+    prompts = [[stoi[c] for c in q + wiki_vocab.MASK_CHAR] for q in questions]
+    decoded = utils.greedy_decode(gpt, prompts, 32)
+    assert not utils.denormals_flushed()  # restored
+    for prompt, continuation in zip(prompts, decoded):
+        reference = utils.sample(gpt, torch.tensor([prompt]), 32)[0, len(prompt):].tolist()
+        assert continuation == reference
+
+
+def test_run_flushes_denormals_on_every_thread(tmp_path, wiki_vocab, dev_small):
+    """In a run.py process with two threads, every thread flushes while run() works, and importing changes nothing."""
+    gpt = denormal_model(wiki_vocab.vocab_size)
+    params_path = str(tmp_path / 'denormal.params')
+    torch.save(gpt.state_dict(), params_path)
+    script = f'''
+import sys
+sys.path.insert(0, {SRC!r})
+import torch
+import dataset, model, run, trainer, utils
+torch.set_num_threads(2)
+print('imported', float(torch.full((1,), 1e-39) * 1.5) == 0)  # this thread only: it starts no worker threads
+evaluate = run.evaluate
+def spy(*args):
+    print('evaluate', utils.denormals_flushed())
+    evaluate(*args)
+run.evaluate = spy
+run.main(sys.argv[1:])
+'''
+    argv = ['evaluate', 'vanilla', WIKI, '--reading_params_path', params_path, '--eval_corpus_path', dev_small,
+            '--outputs_path', tmp_path / 'flushed', '--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--quiet']
+    p = subprocess.run([sys.executable, '-c', script] + [str(a) for a in argv], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS='2'), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert 'imported False' in p.stdout and 'evaluate True' in p.stdout
+    # the predictions are those of the reference decoder without flushing
+    with open(tmp_path / 'flushed', encoding='utf-8') as f:
+        predictions = f.read().split('\n')[:-1]
+    mask = wiki_vocab.MASK_CHAR
+    with open(dev_small, encoding='utf-8') as f:
+        questions = [line.split('\t')[0] for line in f.read().split('\n') if line]
+    for question, prediction in zip(questions, predictions):
+        x = torch.tensor([[wiki_vocab.stoi[c] for c in question + mask]])
+        out = ''.join(wiki_vocab.itos[int(i)] for i in utils.sample(gpt.eval(), x, 32)[0])
+        assert out.split(mask)[1] == prediction
+    assert len(predictions) == len(questions)
