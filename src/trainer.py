@@ -347,7 +347,13 @@ class Trainer:
         """Write the held lines whose loss was on the device (one host sync); show the last loss on the bar."""
         if self.deferred is None:
             return
-        last = self.deferred.flush(lambda record: self.write_metrics(**record))
+        flushed = []
+        last = self.deferred.flush(flushed.append)
+        for record in flushed:
+            self.write_metrics(**record)
+            # here a diverged run is seen only now, its later steps applied: no params or checkpoint follow
+            if not math.isfinite(record['loss']):
+                raise TrainingDiverged(record['step'], record['epoch'] - 1, 'loss', record['loss'], record['lr'])
         if pbar is not None and last is not None:
             pbar.set_description(f"epoch {last['epoch']} iter {self.state.batches_done - 1}: "
                                  f"train loss {last['loss']:.5f}. lr {last['lr']:e}")

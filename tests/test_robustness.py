@@ -674,6 +674,19 @@ def test_non_finite_gradient_norm_with_a_finite_loss(tmp_path, monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in gpt.state_dict().items())
 
 
+def test_fixed_step_stops_at_the_epoch_flush_on_a_non_finite_loss(tmp_path):
+    """train_step 'fixed' keeps losses on the device until a flush: the flush raises, before any checkpoint."""
+    import trainer
+    gpt = model.GPT(model.GPTConfig(12, run.BLOCK_SIZE, n_layer=1, n_head=2, n_embd=8))
+    with torch.no_grad():
+        gpt.head.weight[3, 0] = float('inf')
+    t = tiny_trainer(tmp_path, gpt)
+    t.config.train_step = 'fixed'
+    with pytest.raises(trainer.TrainingDiverged, match=r'the loss is (nan|inf) at step 1 \(epoch 1\)'):
+        t.train()
+    assert not os.path.exists(tmp_path / 'x.ckpt')
+
+
 # --- denormal floats -------------------------------------------------------------
 
 def denormal_model(vocab_size, **sizes):
