@@ -5,6 +5,11 @@ one checkpoint.TrainingState, which a training checkpoint saves (with
 `checkpoint_path` set: every `checkpoint_minutes` and on Ctrl-C) and
 `resume` restores. Speed options keep the math: bf16 autocast, fused AdamW,
 torch.compile, trimmed pieces of each batch.
+
+Under torchrun with several processes (distributed.py) each process trains
+on its share of every batch, in DistributedDataParallel, and the counts that
+make the math that of one process (non-pad targets, schedule tokens, the
+reported loss) are summed over processes; rank 0 alone writes.
 """
 import json
 import math
@@ -17,6 +22,7 @@ from tqdm import tqdm
 
 import batching
 import checkpoint
+import distributed
 import utils
 
 PRECISIONS = ('fp32', 'bf16', 'auto')   # 'auto': bf16 on a GPU that supports it, else fp32
@@ -141,7 +147,7 @@ class Trainer:
     def resume(self, saved):
         """Continue the run of a training checkpoint (checkpoint.load): the next train() goes on from it."""
         self.model.load_state_dict(saved['model'])
-        self.state = checkpoint.TrainingState.from_checkpoint(saved)
+        self.state = checkpoint.TrainingState.from_checkpoint(saved, distributed.rank())
         self.saved_optimizer = saved['optimizer']
 
     def train(self):
@@ -175,6 +181,7 @@ class Trainer:
             self.optimizer.load_state_dict(self.saved_optimizer)
             self.saved_optimizer = None
         self.forward = torch.compile(self.model) if config.compile else self.model
+        self.forward = distributed.wrap(self.forward, self.device)  # with several processes: DDP
         self.metrics = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
         self.start_time = time.time() - self.state.elapsed
         self.last_save = time.time()
@@ -190,7 +197,8 @@ class Trainer:
         checkpoint.enter_epoch(self.state, self.data_generator, epoch, resuming)
         batches = batching.epoch_batches(self.train_dataset, config.batch_size, self.data_generator, self.device,
                                          batching=config.batching, chunks=config.chunks, trim=config.trim_padding,
-                                         num_workers=config.num_workers, skip=self.state.batches_done)
+                                         num_workers=config.num_workers, skip=self.state.batches_done,
+                                         rank=distributed.rank(), world_size=distributed.world_size())
         if resuming:
             checkpoint.set_rng_state(self.state.rng)
         return batches
@@ -205,6 +213,8 @@ class Trainer:
             step_start = time.time()
             # forward and backward over the batch's pieces, clip the gradient, AdamW step
             loss = self.train_step(pieces)
+            if distributed.active():  # the schedule counts the tokens of the global batch
+                batch_tokens = int(distributed.all_sum([batch_tokens], self.device)[0])
             state.step += 1
             state.batches_done += 1
             # the learning rate moves after the step, as in the original
@@ -231,16 +241,27 @@ class Trainer:
 
         Each piece's summed loss is divided by the count of the whole batch's
         targets, so the pieces' gradients add up to those of the batch's mean.
+        With several processes the count is of the global batch, and each
+        process's loss is multiplied by their number, which undoes DDP's
+        averaging: the synchronised gradient is that of the global batch's
+        mean, synchronised once, at the last piece's backward.
         """
         self.model.zero_grad(set_to_none=True)
-        n_targets = max(1, sum(int((y != 0).sum()) for _, y in pieces))
+        n_targets = sum(int((y != 0).sum()) for _, y in pieces)
+        if distributed.active():
+            n_targets = int(distributed.all_sum([n_targets], self.device)[0])
+        n_targets = max(1, n_targets)
+        divisor = n_targets / distributed.world_size() if distributed.active() else n_targets
         total = 0.0
-        for x, y in pieces:
-            loss_sum = self.loss_sum(x, y)
-            (loss_sum / n_targets).backward()
+        for i, (x, y) in enumerate(pieces):
+            with distributed.no_sync(self.forward, skip=i < len(pieces) - 1):
+                loss_sum = self.loss_sum(x, y)
+                (loss_sum / divisor).backward()
             total += loss_sum.item()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_norm_clip)
         self.optimizer.step()
+        if distributed.active():
+            total = distributed.all_sum([total], self.device)[0]
         return total / n_targets
 
     def loss_sum(self, x, y):
@@ -271,9 +292,18 @@ class Trainer:
         config = self.config
         if config.checkpoint_path is None:
             return
-        if stop.signal_name or time.time() - self.last_save >= config.checkpoint_minutes * 60:
+        due = stop.signal_name or time.time() - self.last_save >= config.checkpoint_minutes * 60
+        # with several processes, all save (and stop) at the same step; rank 0 writes every rank's random states
+        if distributed.agree_stop(stop, due, self.device):
             self.state.elapsed = time.time() - self.start_time
-            checkpoint.save(config.checkpoint_path, self.model, self.optimizer, self.state, config.checkpoint_info)
+            rank_states = None
+            if distributed.active():
+                rank_states = distributed.gather({'rng': checkpoint.rng_state(),
+                                                  'epoch_start_rng': self.state.epoch_start_rng})
+            if distributed.is_main():
+                checkpoint.save(config.checkpoint_path, self.model, self.optimizer, self.state,
+                                config.checkpoint_info, rank_states=rank_states)
+            distributed.barrier()  # no process ends (and has torchrun stop the others) before it is written
             self.last_save = time.time()
 
     def end_epoch(self):
