@@ -347,10 +347,12 @@ def run(args):
         info = checkpoint.run_info(args.function, args.variant, texts, model_settings, train_settings)
         saved = resume_checkpoint(args, info)
 
-    if args.function == 'evaluate' and not distributed.is_main():
-        return  # under torchrun rank 0 evaluates alone: its predictions are those of one process
-    # Every input is fine on this process: only now join the others (a no-op in one process).
-    device = distributed.init(device)
+    if args.function == 'evaluate':
+        if not distributed.is_main():
+            return  # under torchrun rank 0 evaluates alone, joining no process group: one process's predictions
+    else:
+        # Every input is fine on this process: only now join the others (a no-op in one process).
+        device = distributed.init(device)
     utils.set_seed(args.seed)
     gpt = build_model(args, pretrain_dataset.vocab_size, model_settings, device)
     if distributed.is_main():
