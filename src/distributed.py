@@ -65,10 +65,17 @@ def shutdown():
 
 
 def wrap(module, device):
-    """`module` in DistributedDataParallel when the process group is up, else `module` itself."""
+    """`module` in DistributedDataParallel when the process group is up, else `module` itself.
+
+    Without broadcast_buffers: the model's only buffers are the constant
+    causal masks, and broadcasting them would be a collective in every
+    forward, while processes may run different numbers of pieces per step
+    (shares of unequal size cut into chunks), which would deadlock.
+    """
     if not dist.is_initialized():
         return module
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == 'cuda' else None)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == 'cuda' else None,
+                                   broadcast_buffers=False)
 
 
 def no_sync(module, skip):

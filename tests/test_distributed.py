@@ -24,7 +24,9 @@ RUN_PY = os.path.join(ROOT, 'src', 'run.py')
 WIKI = os.path.join(ROOT, 'wiki.txt')
 TRAIN_TSV = os.path.join(ROOT, 'birth_places_train.tsv')
 TINY = ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--batch_size', '8', '--device', 'cpu', '--quiet']
-FINETUNE = ['finetune', 'vanilla', WIKI, '--finetune_corpus_path', TRAIN_TSV, '--dropout', '0', '--max_steps', '4']
+# Batches of 3: shares of 1 and 2 examples, so the ranks run different numbers of pieces (chunks) per step.
+FINETUNE = ['finetune', 'vanilla', WIKI, '--finetune_corpus_path', TRAIN_TSV, '--dropout', '0', '--max_steps', '4',
+            '--batch_size', '3']
 TIMEOUT = 120
 
 pytestmark = pytest.mark.usefixtures('single_thread')  # conftest: tiny models, one thread
@@ -64,16 +66,16 @@ def load(path):
 
 @pytest.fixture(scope='module')
 def two_process_finetune(tmp_path_factory):
-    """A 4-step finetune (no dropout) by two processes, in a folder of its own: (folder, CompletedProcess)."""
+    """A 4-step finetune (no dropout, batches of 3) by two processes, in a folder of its own: (folder, CompletedProcess)."""
     folder = tmp_path_factory.mktemp('two')
-    result = torchrun(FINETUNE + TINY + ['--writing_params_path', 'two.params'], folder)
+    result = torchrun(TINY + FINETUNE + ['--writing_params_path', 'two.params'], folder)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder, result
 
 
 def test_two_processes_train_the_params_of_one(two_process_finetune, tmp_path):
     folder, _ = two_process_finetune
-    result = one_process(FINETUNE + TINY + ['--writing_params_path', 'one.params'], tmp_path)
+    result = one_process(TINY + FINETUNE + ['--writing_params_path', 'one.params'], tmp_path)
     assert result.returncode == 0, result.stderr
     one, two = load(tmp_path / 'one.params'), load(folder / 'two.params')
     assert one.keys() == two.keys()
