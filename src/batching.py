@@ -10,9 +10,13 @@ cutting leaves the math as it is:
 - `batching='stratified'` changes which examples share a batch, so it is
   off by default: the whole epoch, sorted by length, is dealt into batches
   of `chunks` pieces of similar length.
-`epoch_batches` builds one epoch's batches from its arguments alone.
+`epoch_batches` builds one epoch's batches from its arguments alone. With
+several processes (torchrun), every process draws the same order and takes
+its `share` of each batch; see epoch_batches.
 """
+import functools
 import math
+import random
 import signal
 
 import numpy as np
@@ -83,8 +87,28 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def share(batch, rank, world_size):
+    """Process `rank`'s contiguous part of a global batch: world_size parts whose sizes differ by at most one."""
+    n = len(batch)
+    return batch[n * rank // world_size:n * (rank + 1) // world_size]
+
+
+def collate_share(examples):
+    """A share's examples stacked into (x, y), or None for an empty share (a batch smaller than world_size)."""
+    if not examples:
+        return None
+    return torch.utils.data.default_collate(examples)
+
+
+def share_worker_init(worker_id, rank):
+    """DataLoader worker init with several processes: as ignore_stop_signals, and a Python random stream
+    of this rank's own (the workers of every rank get the same base seed, from the shared generator)."""
+    ignore_stop_signals(worker_id)
+    random.seed((rank << 64) + torch.initial_seed())
+
+
 def epoch_batches(dataset, batch_size, generator, device, batching='random', chunks=1, trim=True,
-                  num_workers=0, skip=0):
+                  num_workers=0, skip=0, rank=0, world_size=1):
     """One epoch of `dataset` from batch `skip` on: an iterator of (pieces on `device`, token count).
 
     The order is a permutation drawn from `generator`, which also seeds the
@@ -92,8 +116,17 @@ def epoch_batches(dataset, batch_size, generator, device, batching='random', chu
     untrimmed batch's rows x width: the schedule counts pads, as the
     original's (y >= 0).sum() does. Stratified batching draws every example
     before this returns; random batching draws them as it is iterated.
+
+    With world_size > 1 (random batching only) every process passes the same
+    generator state, so all draw the same order, and each builds only its
+    `share` of every batch of batch_size: the shares of one step together
+    are the one-process batch. The token count is then this share's (a
+    process sums them over processes). A share left empty by a batch smaller
+    than world_size is one all-pad row, whose loss and gradient are zero.
     """
     utils.check_choice('batching', batching, BATCHINGS)
+    if world_size > 1 and batching != 'random':
+        raise ValueError(f'batching {batching!r} runs in one process only; use random batching with several')
     order = torch.randperm(len(dataset), generator=generator).tolist()
     if batching == 'stratified':
         examples = [dataset[i] for i in order]
@@ -104,10 +137,26 @@ def epoch_batches(dataset, batch_size, generator, device, batching='random', chu
     # In one process the trained batches are just left out; DataLoader workers
     # draw their examples in sequence, so with them those batches are replayed.
     left_out = skip if num_workers == 0 else 0
-    loader = DataLoader(dataset, sampler=order[left_out * batch_size:], batch_size=batch_size,
-                        num_workers=num_workers, generator=generator, pin_memory=device.type == 'cuda',
-                        worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
+    if world_size > 1:
+        shares = [share(order[i:i + batch_size], rank, world_size)
+                  for i in range(left_out * batch_size, len(order), batch_size)]
+        loader = DataLoader(dataset, batch_sampler=shares, collate_fn=collate_share, num_workers=num_workers,
+                            generator=generator, pin_memory=device.type == 'cuda',
+                            worker_init_fn=functools.partial(share_worker_init, rank=rank) if num_workers else None)
+    else:
+        loader = DataLoader(dataset, sampler=order[left_out * batch_size:], batch_size=batch_size,
+                            num_workers=num_workers, generator=generator, pin_memory=device.type == 'cuda',
+                            worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
     batches = iter(loader)
     for _ in range(skip - left_out):
         next(batches)
-    return ((split_batch(x.to(device), y.to(device), chunks, trim), y.numel()) for x, y in batches)
+    return (pieces_of(batch, device, chunks, trim) for batch in batches)
+
+
+def pieces_of(batch, device, chunks, trim):
+    """(the pieces of a loaded (x, y) batch on `device`, its token count); an empty share is one all-pad row."""
+    if batch is None:
+        pad = torch.zeros(1, 1, dtype=torch.long, device=device)
+        return [(pad, pad)], 0
+    x, y = batch
+    return split_batch(x.to(device), y.to(device), chunks, trim), y.numel()

@@ -44,9 +44,17 @@ class TrainingState:
     rng: Optional[dict] = None     # global random states when the checkpoint was saved
 
     @classmethod
-    def from_checkpoint(cls, checkpoint):
-        """The state a checkpoint (a loaded dict) holds."""
-        return cls(**{f.name: checkpoint.get(f.name, f.default) for f in dataclasses.fields(cls)})
+    def from_checkpoint(cls, checkpoint, rank=0):
+        """The state a checkpoint (a loaded dict) holds, with process `rank`'s random states.
+
+        A checkpoint of several processes (torchrun) holds every rank's random
+        states in `rank_states`; its `rng` and `epoch_start_rng` are rank 0's.
+        """
+        state = cls(**{f.name: checkpoint.get(f.name, f.default) for f in dataclasses.fields(cls)})
+        if checkpoint.get('rank_states'):
+            state.rng = checkpoint['rank_states'][rank]['rng']
+            state.epoch_start_rng = checkpoint['rank_states'][rank]['epoch_start_rng']
+        return state
 
 
 def rng_state():
@@ -89,11 +97,17 @@ def enter_epoch(state, generator, epoch, resuming):
     state.epoch_start_state, state.epoch_start_rng = generator.get_state(), rng_state()
 
 
-def save(path, model, optimizer, state, info):
-    """Write the checkpoint to `path` atomically; the global random states are taken now."""
+def save(path, model, optimizer, state, info, rank_states=None):
+    """Write the checkpoint to `path` atomically; the global random states are taken now.
+
+    `rank_states`, from a run of several processes: a list with each rank's
+    {'rng', 'epoch_start_rng'}, stored as is (rank 0's are also the usual fields).
+    """
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     checkpoint = {'format': FORMAT, 'info': info, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                   **fields, 'rng': rng_state()}
+    if rank_states:
+        checkpoint['rank_states'] = rank_states
     with utils.atomic_write(path) as temporary:
         torch.save(checkpoint, temporary)
 
@@ -218,6 +232,8 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         signal.signal(signum, self.previous[signum] or signal.SIG_DFL)
         again = ' (Ctrl-C again quits at once, without saving)' if signum == signal.SIGINT else ''
+        if os.environ.get('RANK', '0') != '0':
+            return  # under torchrun, rank 0 speaks for every rank
         print(f'\n{self.signal_name}: stopping after this step to save a checkpoint{again}',
               file=sys.stderr, flush=True)
 

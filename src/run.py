@@ -15,6 +15,9 @@ mistake) or 1 (a file that cannot be used). Output files are written whole or
 not at all. Pretraining and finetuning keep a training checkpoint, saved every
 --checkpoint_minutes and on Ctrl-C, which prints the command (this one plus
 --resume) that continues the run.
+
+The same command under torchrun trains data-parallel (src/distributed.py):
+    torchrun --standalone --nproc_per_node N src/run.py pretrain ...
 """
 import argparse
 import os
@@ -31,6 +34,7 @@ import checkpoint  # noqa: E402
 import checks  # noqa: E402
 import dataset  # noqa: E402
 import gpu_path  # noqa: E402
+import distributed  # noqa: E402
 import model  # noqa: E402
 import trainer  # noqa: E402
 import utils  # noqa: E402
@@ -218,6 +222,8 @@ def build_model(args, vocab_size, model_settings, device):
 
 def describe(args, device, model_settings, train_settings):
     items = [f'recipe={args.recipe}', f'device={device}', f'seed={args.seed}']
+    if distributed.active() and args.function != 'evaluate':
+        items.append(f'processes={distributed.world_size()}')
     items += [f'{k}={v}' for k, v in model_settings.items()]
     if args.function != 'evaluate':
         items += [f'{k}={v}' for k, v in train_settings.items()]
@@ -243,22 +249,39 @@ def resume_checkpoint(args, info):
                                   f'or delete it to start afresh', checks.USAGE)
         return None
     saved, changed = checks.read_checkpoint(path, info)
-    if changed:
+    saved_processes = len(saved.get('rank_states') or [None])
+    if saved_processes != distributed.world_size():
+        raise checks.BadInput(f'checkpoint {path} was written by {saved_processes} process(es) and this run has '
+                              f'{distributed.world_size()}; resume with as many (torchrun --nproc_per_node, '
+                              f'--nnodes), since each keeps random states of its own', checks.USAGE)
+    if changed and distributed.is_main():
         print(f"warning: resuming with training settings other than the checkpoint's: {'; '.join(changed)}",
               file=sys.stderr)
     return saved
 
 
 def train(args, gpt, train_dataset, train_settings, device, info=None, saved=None):
-    """Train (from the checkpoint `saved` when resuming), write the params, then delete the training checkpoint."""
-    config = trainer.TrainerConfig(metrics_path=args.metrics_path, compile=args.compile, show_progress=not args.quiet,
+    """Train (from the checkpoint `saved` when resuming), write the params, then delete the training checkpoint.
+
+    With several processes (torchrun), rank 0 alone writes the metrics, checkpoints and params and shows
+    the progress bar; every other rank reseeds its random states (dropout, span corruption) with
+    seed + rank once the model and the data order, the same on every rank, are drawn.
+    """
+    main = distributed.is_main()
+    config = trainer.TrainerConfig(metrics_path=args.metrics_path if main else None, compile=args.compile,
+                                   show_progress=not args.quiet and main,
                                    checkpoint_path=args.checkpoint_path, checkpoint_minutes=args.checkpoint_minutes,
                                    checkpoint_info=info, **train_settings)
     t = trainer.Trainer(gpt, train_dataset, None, config, device=device)
+    if distributed.rank() > 0:
+        utils.set_seed(args.seed + distributed.rank())
     if saved is not None:
         t.resume(saved)
-        print(f'Resuming from {args.checkpoint_path}: epoch {t.state.epoch + 1}, step {t.state.step}', flush=True)
+        if main:
+            print(f'Resuming from {args.checkpoint_path}: epoch {t.state.epoch + 1}, step {t.state.step}', flush=True)
     t.train()
+    if not main:
+        return
     with utils.atomic_write(args.writing_params_path) as temporary:
         torch.save(gpt.state_dict(), temporary)
     if os.path.exists(args.checkpoint_path):
@@ -326,6 +349,12 @@ def run(args):
     pretrain_dataset = dataset.CharCorruptionDataset(corpus, BLOCK_SIZE)
     model_settings, train_settings = settings_for(args, len(pretrain_dataset), device)
     checks.check_settings(model_settings, train_settings)
+    if distributed.active() and train_settings.get('batching') == 'stratified':
+        raise checks.BadInput('--batching stratified runs in one process only; leave it out under torchrun', checks.USAGE)
+    if distributed.active() and (train_settings.get('data_path', 'loader') != 'loader'
+                                 or train_settings.get('train_step', 'default') != 'default'):
+        raise checks.BadInput('--data_path device and --train_step fixed|graph run in one process only; '
+                              'leave them out under torchrun', checks.USAGE)
     checks.check_outputs(output_paths(args), input_paths(args))
 
     if args.function == 'evaluate':
@@ -335,9 +364,16 @@ def run(args):
         info = checkpoint.run_info(args.function, args.variant, texts, model_settings, train_settings)
         saved = resume_checkpoint(args, info)
 
+    if args.function == 'evaluate':
+        if not distributed.is_main():
+            return  # under torchrun rank 0 evaluates alone, joining no process group: one process's predictions
+    else:
+        # Every input is fine on this process: only now join the others (a no-op in one process).
+        device = distributed.init(device)
     utils.set_seed(args.seed)
     gpt = build_model(args, pretrain_dataset.vocab_size, model_settings, device)
-    print(describe(args, device, model_settings, train_settings), flush=True)
+    if distributed.is_main():
+        print(describe(args, device, model_settings, train_settings), flush=True)
     if args.function == 'evaluate':
         evaluate(args, gpt, pretrain_dataset, device, questions, unknown)
     else:
@@ -346,27 +382,42 @@ def run(args):
 
 def resume_command(argv):
     """The shell command that continues this run: the same arguments plus --resume."""
+    resume = [] if '--resume' in argv else ['--resume']
+    script = os.path.relpath(os.path.abspath(__file__))
+    if distributed.active():  # torchrun: its own flags are not ours to see, but on one node they are these
+        if os.environ.get('LOCAL_WORLD_SIZE') != os.environ.get('WORLD_SIZE'):
+            return 'the same torchrun command, with ' + shlex.join([script] + list(argv) + resume)
+        return shlex.join(['torchrun', '--standalone', '--nproc_per_node', os.environ['WORLD_SIZE'], script]
+                          + list(argv) + resume)
     python = sys.executable
     if shutil.which('python') and os.path.abspath(shutil.which('python')) == os.path.abspath(python):
         python = 'python'
-    script = os.path.relpath(os.path.abspath(__file__))
-    return shlex.join([python, script] + list(argv) + ([] if '--resume' in argv else ['--resume']))
+    return shlex.join([python, script] + list(argv) + resume)
 
 
 def main(argv=None):
-    """The command line; a bad input ends in one line on stderr and exit status 2 (flags) or 1 (files)."""
+    """The command line; a bad input ends in one line on stderr and exit status 2 (flags) or 1 (files).
+
+    Under torchrun every rank checks every input before joining the others, so a bad one ends every
+    rank the same way (rank N's line says `run.py (rank N)`); an interruption is reported by rank 0.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     training = args.function != 'evaluate' and bool(args.writing_params_path)
     checkpoint_path = args.checkpoint_path if training else None
     try:
         run(args)
+        distributed.shutdown()
     except checks.BadInput as e:
-        print(f'run.py: error: {e}', file=sys.stderr)
+        prog = f'run.py (rank {distributed.rank()})' if distributed.rank() else 'run.py'
+        print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(e.code)
     except checkpoint.TrainingInterrupted as e:
-        print(f'Interrupted ({e.signal_name}) at step {e.step}; checkpoint saved to {e.path}. '
-              f'Resume with: {resume_command(argv)}', file=sys.stderr)
+        if distributed.is_main():
+            print(f'Interrupted ({e.signal_name}) at step {e.step}; checkpoint saved to {e.path}. '
+                  f'Resume with: {resume_command(argv)}', file=sys.stderr)
+        distributed.barrier()  # the message is out before any rank's exit has torchrun end the others
+        distributed.shutdown()
         sys.exit(128 + signal.Signals[e.signal_name].value)
     except trainer.TrainingDiverged as e:
         kept = (f'the last checkpoint, {checkpoint_path}, is intact: delete it to start afresh, or go on from it '

@@ -5,6 +5,11 @@ one checkpoint.TrainingState, which a training checkpoint saves (with
 `checkpoint_path` set: every `checkpoint_minutes` and on Ctrl-C) and
 `resume` restores. Speed options keep the math: bf16 autocast, fused AdamW,
 torch.compile, trimmed pieces of each batch.
+
+Under torchrun with several processes (distributed.py) each process trains
+on its share of every batch, in DistributedDataParallel, and the counts that
+make the math that of one process (non-pad targets, schedule tokens, the
+reported loss) are summed over processes; rank 0 alone writes.
 """
 import json
 import math
@@ -18,6 +23,7 @@ from tqdm import tqdm
 import batching
 import checkpoint
 import gpu_path
+import distributed
 import utils
 
 PRECISIONS = ('fp32', 'bf16', 'auto')   # 'auto': bf16 on a GPU that supports it, else fp32
@@ -162,7 +168,7 @@ class Trainer:
     def resume(self, saved):
         """Continue the run of a training checkpoint (checkpoint.load): the next train() goes on from it."""
         self.model.load_state_dict(saved['model'])
-        self.state = checkpoint.TrainingState.from_checkpoint(saved)
+        self.state = checkpoint.TrainingState.from_checkpoint(saved, distributed.rank())
         self.saved_optimizer = saved['optimizer']
 
     def train(self):
@@ -203,6 +209,7 @@ class Trainer:
             for group, weight_decay in zip(self.optimizer.param_groups, decay):
                 group.update(lr=lr, weight_decay=weight_decay)
         self.forward = torch.compile(self.model) if config.compile else self.model
+        self.forward = distributed.wrap(self.forward, self.device)  # with several processes: DDP
         self.prepare_gpu_path()
         self.metrics = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
         self.start_time = time.time() - self.state.elapsed
@@ -242,7 +249,8 @@ class Trainer:
         else:
             batches = batching.epoch_batches(self.train_dataset, config.batch_size, self.data_generator, self.device,
                                              batching=config.batching, chunks=chunks, trim=trim,
-                                             num_workers=config.num_workers, skip=self.state.batches_done)
+                                             num_workers=config.num_workers, skip=self.state.batches_done,
+                                             rank=distributed.rank(), world_size=distributed.world_size())
         if resuming:
             checkpoint.set_rng_state(self.state.rng)
         return batches
@@ -267,6 +275,8 @@ class Trainer:
             except TrainingDiverged:
                 pbar.close()
                 raise
+            if distributed.active():  # the schedule counts the tokens of the global batch
+                batch_tokens = int(distributed.all_sum([batch_tokens], self.device)[0])
             state.step += 1
             state.batches_done += 1
             if not scheduled_first_step:
@@ -298,22 +308,33 @@ class Trainer:
         targets, so the pieces' gradients add up to those of the batch's mean.
         With train_step 'fixed' or 'graph' the batch is one piece and the
         loss comes back as a tensor on the device (gpu_path.FixedShapeStep).
+        With several processes the count is of the global batch, and each
+        process's loss is multiplied by their number, which undoes DDP's
+        averaging: the synchronised gradient is that of the global batch's
+        mean, synchronised once, at the last piece's backward.
         """
         if self.fixed_step is not None:
             (x, y), = pieces
             return self.fixed_step(x, y)
         self.model.zero_grad(set_to_none=True)
-        n_targets = max(1, sum(int((y != 0).sum()) for _, y in pieces))
+        n_targets = sum(int((y != 0).sum()) for _, y in pieces)
+        if distributed.active():
+            n_targets = int(distributed.all_sum([n_targets], self.device)[0])
+        n_targets = max(1, n_targets)
+        divisor = n_targets / distributed.world_size() if distributed.active() else n_targets
         total = 0.0
-        for x, y in pieces:
-            loss_sum = self.loss_sum(x, y)
-            (loss_sum / n_targets).backward()
+        for i, (x, y) in enumerate(pieces):
+            with distributed.no_sync(self.forward, skip=i < len(pieces) - 1):
+                loss_sum = self.loss_sum(x, y)
+                (loss_sum / divisor).backward()
             total += loss_sum.item()
         # a diverged run stops before its step: nan or inf would spread to every parameter
         self.check_finite('loss', total / n_targets)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_norm_clip)
         self.check_finite('gradient norm', float(norm))
         self.optimizer.step()
+        if distributed.active():
+            total = distributed.all_sum([total], self.device)[0]
         return total / n_targets
 
     def check_finite(self, what, value):
@@ -366,10 +387,19 @@ class Trainer:
         config = self.config
         if config.checkpoint_path is None:
             return
-        if stop.signal_name or time.time() - self.last_save >= config.checkpoint_minutes * 60:
+        due = stop.signal_name or time.time() - self.last_save >= config.checkpoint_minutes * 60
+        # with several processes, all save (and stop) at the same step; rank 0 writes every rank's random states
+        if distributed.agree_stop(stop, due, self.device):
             self.state.elapsed = time.time() - self.start_time
             self.flush_metrics()  # the metrics file holds every step up to the checkpoint's
-            checkpoint.save(config.checkpoint_path, self.model, self.optimizer, self.state, config.checkpoint_info)
+            rank_states = None
+            if distributed.active():
+                rank_states = distributed.gather({'rng': checkpoint.rng_state(),
+                                                  'epoch_start_rng': self.state.epoch_start_rng})
+            if distributed.is_main():
+                checkpoint.save(config.checkpoint_path, self.model, self.optimizer, self.state,
+                                config.checkpoint_info, rank_states=rank_states)
+            distributed.barrier()  # no process ends (and has torchrun stop the others) before it is written
             self.last_save = time.time()
 
     def end_epoch(self):
