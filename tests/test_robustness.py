@@ -748,7 +748,8 @@ run.main(sys.argv[1:])
     argv = ['evaluate', 'vanilla', WIKI, '--reading_params_path', params_path, '--eval_corpus_path', dev_small,
             '--outputs_path', tmp_path / 'flushed', '--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--quiet']
     p = subprocess.run([sys.executable, '-c', script] + [str(a) for a in argv], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS='2'), timeout=300)
+                       env=dict(os.environ, OMP_NUM_THREADS='2', OMP_WAIT_POLICY='PASSIVE'), timeout=600)
+    # (passive: two spinning threads on a busy machine made a run of under a second take minutes)
     assert p.returncode == 0, p.stderr
     assert 'imported False' in p.stdout and 'evaluate True' in p.stdout
     # the predictions are those of the reference decoder without flushing
