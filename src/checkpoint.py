@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import distributed
 import utils
 
 FORMAT = 'birthplace training checkpoint v1'
@@ -232,7 +233,7 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         signal.signal(signum, self.previous[signum] or signal.SIG_DFL)
         again = ' (Ctrl-C again quits at once, without saving)' if signum == signal.SIGINT else ''
-        if os.environ.get('RANK', '0') != '0':
+        if not distributed.is_main():
             return  # under torchrun, rank 0 speaks for every rank
         print(f'\n{self.signal_name}: stopping after this step to save a checkpoint{again}',
               file=sys.stderr, flush=True)
