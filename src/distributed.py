@@ -16,6 +16,7 @@ for a checkpoint, and a barrier.
 import contextlib
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -130,3 +131,16 @@ def barrier():
     """Wait until every process gets here (nothing in one process)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def let_main_exit_first(seconds=30):
+    """On ranks other than 0, wait (at most `seconds`) for rank 0 to exit; nothing on rank 0 or in one process.
+
+    For errors that every rank meets on its own before the process group is
+    up, such as a bad input. torchrun stops all other ranks as soon as one
+    exits, so a rank that exits first can cut off rank 0 before rank 0 has
+    printed its message; waiting here lets rank 0 speak first, and torchrun
+    then ends this rank.
+    """
+    if rank() > 0:
+        time.sleep(seconds)

@@ -400,7 +400,8 @@ def main(argv=None):
     """The command line; a bad input ends in one line on stderr and exit status 2 (flags) or 1 (files).
 
     Under torchrun every rank checks every input before joining the others, so a bad one ends every
-    rank the same way (rank N's line says `run.py (rank N)`); an interruption is reported by rank 0.
+    rank the same way (rank N's line says `run.py (rank N)`), rank 0 first; an interruption is
+    reported by rank 0.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -411,7 +412,8 @@ def main(argv=None):
         distributed.shutdown()
     except checks.BadInput as e:
         prog = f'run.py (rank {distributed.rank()})' if distributed.rank() else 'run.py'
-        print(f'{prog}: error: {e}', file=sys.stderr)
+        print(f'{prog}: error: {e}', file=sys.stderr, flush=True)
+        distributed.let_main_exit_first()
         sys.exit(e.code)
     except checkpoint.TrainingInterrupted as e:
         if distributed.is_main():

@@ -17,6 +17,7 @@ import torch
 import batching
 import checkpoint
 import checks
+import distributed
 import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,3 +209,16 @@ def test_resume_refuses_a_checkpoint_of_another_process_count(tmp_path, monkeypa
     monkeypatch.setenv('WORLD_SIZE', '3')
     with pytest.raises(checks.BadInput, match='this run has 3'):
         run.resume_checkpoint(args, info=None)
+
+
+def test_only_ranks_other_than_0_wait_for_rank_0_to_exit(monkeypatch):
+    waits = []
+    monkeypatch.setattr(distributed.time, 'sleep', waits.append)
+    distributed.let_main_exit_first(7)  # one process
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('RANK', '0')
+    distributed.let_main_exit_first(7)
+    assert waits == []
+    monkeypatch.setenv('RANK', '1')
+    distributed.let_main_exit_first(7)
+    assert waits == [7]
