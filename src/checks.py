@@ -60,8 +60,8 @@ def check_flags(args):
                        f'got {args.seed}', USAGE)
 
 
-def check_settings(model_settings, train_settings):
-    """The recipe with its overrides describes a model and a run that can exist."""
+def check_settings(model_settings, train_settings, processes=1):
+    """The recipe with its overrides describes a model and a run that can exist in `processes` processes."""
     settings = {**model_settings, **train_settings}
     for name in ('n_layer', 'n_head', 'n_embd', 'batch_size', 'max_epochs', 'max_steps', 'chunks'):
         value = settings.get(name)
@@ -80,6 +80,12 @@ def check_settings(model_settings, train_settings):
     for name in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
         if not 0 <= settings.get(name, 0) < 1:
             raise BadInput(f'--dropout must be in [0, 1), got {settings[name]}', USAGE)
+    if processes > 1 and settings.get('batching') == 'stratified':
+        raise BadInput('--batching stratified runs in one process only; leave it out under torchrun', USAGE)
+    if processes > 1 and (settings.get('data_path', 'loader') != 'loader'
+                          or settings.get('train_step', 'default') != 'default'):
+        raise BadInput('--data_path device and --train_step fixed|graph run in one process only; '
+                       'leave them out under torchrun', USAGE)
 
 
 def check_model_size(model_settings, vocab_size, block_size, training):

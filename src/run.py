@@ -349,13 +349,7 @@ def run(args):
     checks.check_corpus(corpus, args.pretrain_corpus_path)
     pretrain_dataset = dataset.CharCorruptionDataset(corpus, BLOCK_SIZE)
     model_settings, train_settings = settings_for(args, len(pretrain_dataset), device)
-    checks.check_settings(model_settings, train_settings)
-    if distributed.active() and train_settings.get('batching') == 'stratified':
-        raise checks.BadInput('--batching stratified runs in one process only; leave it out under torchrun', checks.USAGE)
-    if distributed.active() and (train_settings.get('data_path', 'loader') != 'loader'
-                                 or train_settings.get('train_step', 'default') != 'default'):
-        raise checks.BadInput('--data_path device and --train_step fixed|graph run in one process only; '
-                              'leave them out under torchrun', checks.USAGE)
+    checks.check_settings(model_settings, train_settings, processes=distributed.world_size())
     checks.check_outputs(output_paths(args), input_paths(args))
 
     if args.function == 'evaluate':

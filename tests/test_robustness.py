@@ -199,6 +199,20 @@ def test_bad_settings(tmp_path, capsys, extra, words):
     assert listing(tmp_path) == []
 
 
+@pytest.mark.parametrize('extra, words', [
+    (['--batching', 'stratified'], ['--batching stratified runs in one process only; leave it out under torchrun']),
+    (['--data_path', 'device'], ['--data_path device and --train_step fixed|graph run in one process only']),
+    (['--train_step', 'fixed'], ['--data_path device and --train_step fixed|graph run in one process only']),
+])
+def test_one_process_settings_refused_under_torchrun(tmp_path, capsys, monkeypatch, extra, words):
+    monkeypatch.setenv('WORLD_SIZE', '2')  # as torchrun sets it; rank 0, so no wait for another rank to exit
+    monkeypatch.setenv('RANK', '0')
+    code, out, err = call(['pretrain', 'vanilla', WIKI, '--writing_params_path', tmp_path / 'x.params']
+                          + TINY + extra, capsys)
+    assert_one_error_line(code, err, 2, *words)
+    assert listing(tmp_path) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA is present here')
 def test_cuda_without_gpu(tmp_path, capsys):
     code, out, err = call(['pretrain', 'vanilla', WIKI, '--writing_params_path', tmp_path / 'x.params',
