@@ -80,12 +80,12 @@ def check_settings(model_settings, train_settings, processes=1):
     for name in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
         if not 0 <= settings.get(name, 0) < 1:
             raise BadInput(f'--dropout must be in [0, 1), got {settings[name]}', USAGE)
-    if processes > 1 and settings.get('batching') == 'stratified':
-        raise BadInput('--batching stratified runs in one process only; leave it out under torchrun', USAGE)
-    if processes > 1 and (settings.get('data_path', 'loader') != 'loader'
-                          or settings.get('train_step', 'default') != 'default'):
-        raise BadInput('--data_path device and --train_step fixed|graph run in one process only; '
-                       'leave them out under torchrun', USAGE)
+    if processes > 1:
+        if settings.get('batching') == 'stratified':
+            raise BadInput('--batching stratified runs in one process only; leave it out under torchrun', USAGE)
+        if settings.get('data_path', 'loader') != 'loader' or settings.get('train_step', 'default') != 'default':
+            raise BadInput('--data_path device and --train_step fixed|graph run in one process only; '
+                           'leave them out under torchrun', USAGE)
 
 
 def check_model_size(model_settings, vocab_size, block_size, training):
