@@ -48,6 +48,23 @@ def test_laptop_recipe_changes_model_and_pretraining_only_where_it_says():
         assert settings(argv + ['--recipe', 'laptop'])[1] == dict(faithful, precision='auto')
 
 
+def test_laptop_recipe_pretrains_the_synthesizer_longer_and_finetunes_both_alike():
+    vanilla_model, vanilla = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p',
+                                       '--recipe', 'laptop'])
+    synth_model, synth = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p',
+                                   '--recipe', 'laptop'])
+    assert synth_model == vanilla_model
+    assert synth == dict(vanilla, max_epochs=320, final_tokens=320 * N_DOCS * 127)
+    _, shorter = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p', '--recipe', 'laptop',
+                           '--max_epochs', '230'])
+    assert shorter == vanilla
+    argv = ['finetune', '{}', 'wiki.txt', '--writing_params_path', 'p', '--finetune_corpus_path', 'f',
+            '--reading_params_path', 'r', '--recipe', 'laptop']
+    assert settings([a.format('synthesizer') for a in argv]) == settings([a.format('vanilla') for a in argv])
+    _, faithful_synth = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p'])
+    assert faithful_synth['max_epochs'] == 650
+
+
 def test_laptop_cosine_ends_with_the_run_and_the_faithful_one_does_not():
     _, laptop = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p', '--recipe', 'laptop',
                           '--max_epochs', '40'])
