@@ -93,6 +93,7 @@ def laptop_recipe(n_documents, device, max_epochs=None, variant='vanilla'):
         recipe[key].update(precision='auto')
     return recipe
 
+
 RECIPES = {'faithful': faithful_recipe, 'laptop': laptop_recipe}
 
 # Command-line overrides: flag -> (where it goes, add_argument keywords).
