@@ -73,7 +73,7 @@ def laptop_recipe(n_documents, device, max_epochs=None, variant='vanilla'):
 
     A narrower, dropout-free model (width 128, 4 heads), pretrained for 230
     epochs (vanilla) or 320 (the synthesizer, which learns more slowly per
-    step: at 230 it scored 3.8-4.4% dev, at 320 5.2-6.4%). The cosine spans
+    step: at 230 it scored 3.8-4.4% dev, at 320 4.6-6.4%). The cosine spans
     the run (final_tokens follows the epochs, also those of --max_epochs,
     given here as `max_epochs`), so its 10% floor arrives at 80% of it. A
     warmup over 100 batches starts at the first step: a first step at the
