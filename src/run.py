@@ -73,20 +73,19 @@ def laptop_recipe(n_documents, device, max_epochs=None, variant='vanilla'):
 
     A narrower, dropout-free model (width 128, 4 heads), pretrained for 230
     epochs (vanilla) or 320 (the synthesizer, which learns more slowly per
-    step: at 230 it scored 3.8-4.4% dev, at 320 4.6-6.4%). The cosine spans
-    the run (final_tokens follows the epochs, also those of --max_epochs,
-    given here as `max_epochs`), so its 10% floor arrives at 80% of it. A
-    warmup over 100 batches starts at the first step: a first step at the
-    full rate, as the original takes it, holds this model's loss 0.1-0.3
-    higher over its first 1,000 steps. Weight decay stays the faithful 0.1.
-    Batches of 128 run as 4 length-sorted trimmed chunks on a CPU, as in the
-    faithful recipe.
+    step: at 230 it scored 3.8-4.4% dev, at 320 4.6-6.4%). The cosine's
+    final_tokens is the run's length, --max_epochs (given here as
+    `max_epochs`) included; like the original's, the cosine stops falling at
+    10% of the peak rate, 80% of the way through. A warmup over 100 batches
+    starts at the first step: a first step at the full rate, as the original
+    takes it, holds this model's loss 0.1-0.3 higher over its first 1,000
+    steps. Weight decay stays the faithful 0.1. Batches of 128 run as 4
+    length-sorted trimmed chunks on a CPU, as in the faithful recipe.
     """
     recipe = faithful_recipe(n_documents, device)
     recipe['model'] = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    default_epochs = LAPTOP_PRETRAIN_EPOCHS[variant]
-    epochs = default_epochs if max_epochs is None else max_epochs
-    recipe['pretrain'].update(max_epochs=default_epochs, warmup_tokens=100 * 128 * (BLOCK_SIZE - 1),
+    epochs = LAPTOP_PRETRAIN_EPOCHS[variant] if max_epochs is None else max_epochs
+    recipe['pretrain'].update(max_epochs=epochs, warmup_tokens=100 * 128 * (BLOCK_SIZE - 1),
                               first_step_lr='scheduled', final_tokens=epochs * n_documents * (BLOCK_SIZE - 1),
                               precision='auto')
     for key in ('finetune_scratch', 'finetune_pretrained'):
