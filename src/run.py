@@ -103,7 +103,8 @@ OVERRIDES = {
     'learning_rate': ('train', dict(type=float, help='peak learning rate')),
     'weight_decay': ('train', dict(type=float, help='AdamW weight decay (on the parameters --weight_decay_on picks)')),
     'precision': ('train', dict(choices=trainer.PRECISIONS,
-                                help="'bf16': autocast; 'auto': bf16 on a capable GPU, else fp32")),
+                                help="'bf16': autocast; 'auto': bf16 on a capable GPU, else fp32; "
+                                     "'tf32': fp32 with TF32 matrix products on a CUDA GPU")),
     'chunks': ('train', dict(type=int, help='run each batch as this many length-sorted, trimmed pieces (same math)')),
     'batching': ('train', dict(choices=batching.BATCHINGS,
                                help="'random' (the original) or 'stratified': each batch made of CHUNKS pieces "

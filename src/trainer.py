@@ -26,7 +26,7 @@ import gpu_path
 import distributed
 import utils
 
-PRECISIONS = ('fp32', 'bf16', 'auto')   # 'auto': bf16 on a GPU that supports it, else fp32
+PRECISIONS = ('fp32', 'bf16', 'auto', 'tf32')  # 'auto': bf16 on a GPU that supports it, else fp32; see autocast_dtype
 WEIGHT_DECAY_ON = ('all', 'matrices')   # see decays
 FIRST_STEP_LRS = ('full', 'scheduled')  # see Trainer.run_epoch
 
@@ -94,8 +94,16 @@ def lr_multiplier(tokens, config):
 
 
 def autocast_dtype(precision, device):
-    """The autocast dtype for a precision setting, or None for plain fp32."""
+    """The autocast dtype for a precision setting, or None for plain fp32.
+
+    'tf32' keeps fp32 tensors but lets a CUDA GPU multiply them in TF32, as
+    PyTorch 1.7-1.11 did by default on Ampere GPUs (the original's era); it
+    changes nothing on a CPU.
+    """
     utils.check_choice('precision', precision, PRECISIONS)
+    if precision == 'tf32' and device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if precision == 'bf16' or (precision == 'auto' and device.type == 'cuda' and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return None

@@ -419,6 +419,8 @@ def test_autocast_dtype_settings():
     assert trainer.autocast_dtype('fp32', cpu) is None
     assert trainer.autocast_dtype('auto', cpu) is None     # bf16 on a CPU only when asked
     assert trainer.autocast_dtype('bf16', cpu) == torch.bfloat16
+    assert trainer.autocast_dtype('tf32', cpu) is None     # fp32 tensors; TF32 products only on a CUDA GPU
+    assert not torch.backends.cuda.matmul.allow_tf32       # and a CPU run leaves the CUDA setting alone
     with pytest.raises(ValueError):
         trainer.autocast_dtype('fp16x', cpu)
 
