@@ -36,6 +36,7 @@ import dataset  # noqa: E402
 import gpu_path  # noqa: E402
 import distributed  # noqa: E402
 import model  # noqa: E402
+import optim  # noqa: E402
 import recipes  # noqa: E402
 import trainer  # noqa: E402
 import utils  # noqa: E402
@@ -57,7 +58,7 @@ OVERRIDES = {
     'batching': ('train', dict(choices=batching.BATCHINGS,
                                help="'random' (the original) or 'stratified': each batch made of CHUNKS pieces "
                                     "of similar length, dealt from the whole epoch sorted by length")),
-    'weight_decay_on': ('train', dict(choices=trainer.WEIGHT_DECAY_ON,
+    'weight_decay_on': ('train', dict(choices=optim.WEIGHT_DECAY_ON,
                                       help="'all' (the original: every parameter but biases) or 'matrices' "
                                            "(Linear weights and the Synthesizer's w2 only)")),
     'first_step_lr': ('train', dict(choices=trainer.FIRST_STEP_LRS,

@@ -1,19 +1,17 @@
-"""The training loop: AdamW, gradient clipping and the token-based warmup + cosine schedule.
+"""The training loop (minGPT's Trainer): epochs of batches, one optimizer step each, metrics, checkpoints.
 
-Batches come from batching.py; the run's counters and random states live in
-one checkpoint.TrainingState, which a training checkpoint saves (with
-`checkpoint_path` set: every `checkpoint_minutes` and on Ctrl-C) and
-`resume` restores. Speed options keep the math: bf16 autocast, fused AdamW,
-torch.compile, trimmed pieces of each batch.
-
-Under torchrun with several processes (distributed.py) each process trains
-on its share of every batch, in DistributedDataParallel, and the counts that
-make the math that of one process (non-pad targets, schedule tokens, the
-reported loss) are summed over processes; rank 0 alone writes.
+The step is chosen once (steps.make_step): the default eager one, or
+gpu_path's fixed-shape one (optionally a CUDA graph). AdamW and its
+schedule are in optim.py; batches come from batching.py (or gpu_path.py);
+the run's counters and random states live in one checkpoint.TrainingState,
+which a training checkpoint saves (with `checkpoint_path` set: every
+`checkpoint_minutes` and on Ctrl-C) and `resume` restores. Under torchrun
+(distributed.py) each process trains on its share of every batch, the step
+makes the math that of one process, and rank 0 alone writes.
 """
 import math
 import time
-from collections import defaultdict, namedtuple
+from collections import defaultdict
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,10 +22,11 @@ import checkpoint
 import distributed
 import gpu_path
 import metrics
+import optim
+import steps
 import utils
 
 PRECISIONS = ('fp32', 'bf16', 'auto', 'tf32')  # 'auto': bf16 on a GPU that supports it, else fp32; see autocast_dtype
-WEIGHT_DECAY_ON = ('all', 'matrices')   # see decays
 FIRST_STEP_LRS = ('full', 'scheduled')  # see Trainer.train
 
 
@@ -65,7 +64,7 @@ class TrainerConfig:
     trim_padding = True    # drop trailing columns whose targets are all pad (exact: attention is causal)
     chunks = 1             # split each batch into this many length-sorted, trimmed pieces
     batching = 'random'    # one of batching.BATCHINGS
-    weight_decay_on = 'all'  # one of WEIGHT_DECAY_ON
+    weight_decay_on = 'all'  # one of optim.WEIGHT_DECAY_ON
     first_step_lr = 'full'   # one of FIRST_STEP_LRS: 'full' is the original (see Trainer.train)
     fused_optimizer = 'auto'  # fused AdamW where the device supports it
     compile = False        # torch.compile the model
@@ -80,18 +79,6 @@ class TrainerConfig:
     def __init__(self, **kwargs):
         for k, v in kwargs.items():
             setattr(self, k, v)
-
-
-def lr_multiplier(tokens, config):
-    """Linear warmup over warmup_tokens, then a cosine floored at 0.1.
-
-    progress is deliberately not clamped: past final_tokens the cosine rises
-    again, as in the original (the default recipes run past it).
-    """
-    if tokens < config.warmup_tokens:
-        return float(tokens) / float(max(1, config.warmup_tokens))
-    progress = float(tokens - config.warmup_tokens) / float(max(1, config.final_tokens - config.warmup_tokens))
-    return max(0.1, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def autocast_dtype(precision, device):
@@ -110,108 +97,28 @@ def autocast_dtype(precision, device):
     return None
 
 
-def decays(name, param, weight_decay_on):
-    """Whether AdamW's weight decay applies to this parameter.
-
-    'all' is the original grouping: every parameter except biases, so
-    LayerNorm gains and the embeddings shrink too. 'matrices' decays only the
-    weights that multiply activations (the Linear layers' and the
-    Synthesizer's w2), as in minGPT: no biases, LayerNorm parameters or
-    token and position embeddings.
-    """
-    utils.check_choice('weight_decay_on', weight_decay_on, WEIGHT_DECAY_ON)
-    if weight_decay_on == 'all':
-        return 'bias' not in name
-    return param.dim() == 2 and not name.startswith('tok_emb')
-
-
-def make_optimizer(model, config, device):
-    """AdamW, weight decay on the parameters that `decays` picks."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (decay if decays(name, param, config.weight_decay_on) else no_decay).append(param)
-    groups = [{'params': decay, 'weight_decay': config.weight_decay},
-              {'params': no_decay, 'weight_decay': 0.0}]
-    fused = config.fused_optimizer
-    if fused == 'auto':
-        fused = device.type in ('cuda', 'cpu')
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, fused=bool(fused))
-
-
-
 def check_finite(what, value, step, epoch, learning_rate):
     """TrainingDiverged unless `value`, the loss or gradient norm of `step`, is a finite number."""
     if not math.isfinite(value):
         raise TrainingDiverged(step, epoch, what, value, learning_rate)
 
 
-def loss_sum(forward, x, y, amp_dtype):
-    """The loss summed over the non-pad targets of (x, y), under autocast when amp_dtype is set."""
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return forward(x, y, loss_reduction='sum')[1]
+@torch.no_grad()
+def held_out_loss(trainer, dataset):
+    """Mean loss over `dataset`'s non-pad targets, the trainer's model in eval mode (no dropout).
 
-
-Share = namedtuple('Share', 'total n_targets')  # a process's summed loss of a data-parallel step, the global count
-
-
-class EagerStep:
-    """The default training step: a batch given as trimmed pieces, forward and backward one piece at a time.
-
-    Each piece's summed loss is divided by the count of the whole batch's
-    targets, so the pieces' gradients add up to those of the batch's mean.
-    With several processes the count is of the global batch, and each
-    process's loss is multiplied by their number, which undoes DDP's
-    averaging: the synchronised gradient is that of the global batch's mean,
-    synchronised once, at the last piece's backward. A non-finite loss or
-    gradient norm raises TrainingDiverged (`check`) before the update.
+    Its DataLoader seeds itself from a generator of its own, so the
+    training run's random states are left as they were.
     """
-
-    def __init__(self, model, forward, optimizer, grad_norm_clip, amp_dtype, device, check):
-        self.model, self.forward, self.optimizer = model, forward, optimizer
-        self.grad_norm_clip, self.amp_dtype, self.device, self.check = grad_norm_clip, amp_dtype, device, check
-        self.n_targets = 1
-
-    def count(self, pieces, batch_tokens):
-        """The tokens the schedule counts for this batch; also counts its targets. Both of the global batch:
-        with several processes, one all-reduce."""
-        n_targets = sum(int((y != 0).sum()) for _, y in pieces)
-        if distributed.active():
-            n_targets, batch_tokens = (int(v) for v in distributed.all_sum([n_targets, batch_tokens], self.device))
-        self.n_targets = max(1, n_targets)
-        return batch_tokens
-
-    def run(self, pieces):
-        """One optimizer step; the batch's mean loss over non-pad targets (with several processes, a Share)."""
-        self.model.zero_grad(set_to_none=True)
-        divisor = self.n_targets / distributed.world_size() if distributed.active() else self.n_targets
-        total = 0.0
-        for i, (x, y) in enumerate(pieces):
-            with distributed.no_sync(self.forward, skip=i < len(pieces) - 1):
-                piece_loss = loss_sum(self.forward, x, y, self.amp_dtype)
-                (piece_loss / divisor).backward()
-            total += piece_loss.item()
-        # a diverged run stops before its step: nan or inf would spread to every parameter
-        self.check('loss', total / self.n_targets)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_norm_clip)
-        self.check('gradient norm', float(norm))
-        self.optimizer.step()
-        return Share(total, self.n_targets) if distributed.active() else total / self.n_targets
-
-    def resolve(self, shares):
-        """The global mean losses of data-parallel steps: every process's totals summed in one all-reduce."""
-        totals = distributed.all_sum([share.total for share in shares], self.device)
-        return [total / share.n_targets for total, share in zip(totals, shares)]
-
-
-def make_step(model, forward, optimizer, config, amp_dtype, dataset, device, check):
-    """The training step that `train_step` names: EagerStep, or gpu_path.FixedShapeStep (fixed or graph)."""
-    gpu_path.check_choices(config.data_path, config.train_step)
-    if config.train_step == 'default':
-        return EagerStep(model, forward, optimizer, config.grad_norm_clip, amp_dtype, device, check)
-    graph = config.train_step == 'graph'
-    gpu_path.use_tensor_lr(optimizer, device, capturable=graph and device.type == 'cuda')
-    return gpu_path.FixedShapeStep(model, forward, optimizer, config.grad_norm_clip, amp_dtype, config.batch_size,
-                                   gpu_path.width_of(dataset, model), device, graph)
+    trainer.model.eval()
+    loader = DataLoader(dataset, batch_size=trainer.config.batch_size, generator=torch.Generator())
+    total, count = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(trainer.device), y.to(trainer.device)
+        total += steps.loss_sum(trainer.forward, x, y, trainer.amp_dtype).item()
+        count += int((y != 0).sum())
+    trainer.model.train()
+    return total / max(1, count)
 
 
 class Trainer:
@@ -300,21 +207,15 @@ class Trainer:
         resuming."""
         config = self.config
         utils.check_choice('first_step_lr', config.first_step_lr, FIRST_STEP_LRS)
-        self.optimizer = make_optimizer(self.model, config, self.device)
+        self.optimizer = optim.make_optimizer(self.model, config, self.device)
         resuming = self.saved_optimizer is not None
         if resuming:
-            decay = [group['weight_decay'] for group in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(self.saved_optimizer)
+            optim.restore(self.optimizer, self.saved_optimizer, optim.scheduled_lr(self.state.tokens, config))
             self.saved_optimizer = None
-            # the saved groups hold the interrupted run's rate and decay: this run's settings apply
-            # (the same values when they did not change, so an exact resume stays exact)
-            lr = config.learning_rate * (lr_multiplier(self.state.tokens, config) if config.lr_decay else 1)
-            for group, weight_decay in zip(self.optimizer.param_groups, decay):
-                group.update(lr=lr, weight_decay=weight_decay)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.forward = distributed.wrap(self.forward, self.device)  # with several processes: DDP
-        self.train_step = make_step(self.model, self.forward, self.optimizer, config, self.amp_dtype,
-                                    self.train_dataset, self.device, self.check_step)
+        self.train_step = steps.make_step(self.model, self.forward, self.optimizer, config, self.amp_dtype,
+                                          self.train_dataset, self.device, self.check_step)
         if config.data_path == 'device' and self.device_epochs is None:
             self.device_epochs = gpu_path.DeviceEpochs(self.train_dataset, self.device)
         file = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
@@ -358,7 +259,7 @@ class Trainer:
         if not config.lr_decay:
             return config.learning_rate
         self.state.tokens += batch_tokens
-        lr = config.learning_rate * lr_multiplier(self.state.tokens, config)
+        lr = optim.scheduled_lr(self.state.tokens, config)
         gpu_path.set_lr(self.optimizer, lr)  # in place where the rate is a tensor (train_step 'fixed'/'graph')
         return lr
 
@@ -392,14 +293,8 @@ class Trainer:
         if distributed.agree_stop(stop, due, self.device):
             self.state.elapsed = time.time() - self.start_time
             self.log.flush()  # the metrics file holds every step up to the checkpoint's
-            rank_states = None
-            if distributed.active():
-                rank_states = distributed.gather({'rng': checkpoint.rng_state(),
-                                                  'epoch_start_rng': self.state.epoch_start_rng})
-            if distributed.is_main():
-                checkpoint.save(config.checkpoint_path, self.model, self.optimizer, self.state,
-                                config.checkpoint_info, rank_states=rank_states)
-            distributed.barrier()  # no process ends (and has torchrun stop the others) before it is written
+            checkpoint.save_of_every_rank(config.checkpoint_path, self.model, self.optimizer, self.state,
+                                          config.checkpoint_info)
             self.last_save = time.time()
         if stop.signal_name:
             raise checkpoint.TrainingInterrupted(stop.signal_name, self.state.step, self.state.epoch,
@@ -408,24 +303,8 @@ class Trainer:
     def end_epoch(self):
         """As the original ends an epoch: the held-out loss (a metrics line), then the state dict to ckpt_path."""
         if self.test_dataset is not None:
-            self.log.write(dict(step=self.state.step, epoch=self.state.epoch + 1, test_loss=self.evaluate_loss()))
+            self.log.write(dict(step=self.state.step, epoch=self.state.epoch + 1,
+                                test_loss=held_out_loss(self, self.test_dataset)))
         if self.config.ckpt_path is not None:
             with utils.atomic_write(self.config.ckpt_path) as temporary:
                 torch.save(self.model.state_dict(), temporary)
-
-    @torch.no_grad()
-    def evaluate_loss(self):
-        """Mean loss over test_dataset's non-pad targets, in eval mode (no dropout).
-
-        Its DataLoader seeds itself from a generator of its own, so the
-        training run's random states are left as they were.
-        """
-        self.model.eval()
-        loader = DataLoader(self.test_dataset, batch_size=self.config.batch_size, generator=torch.Generator())
-        total, count = 0.0, 0
-        for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
-            total += loss_sum(self.forward, x, y, self.amp_dtype).item()
-            count += int((y != 0).sum())
-        self.model.train()
-        return total / max(1, count)
