@@ -33,8 +33,8 @@ import batching  # noqa: E402
 import checkpoint  # noqa: E402
 import checks  # noqa: E402
 import dataset  # noqa: E402
-import gpu_path  # noqa: E402
 import distributed  # noqa: E402
+import gpu_path  # noqa: E402
 import model  # noqa: E402
 import optim  # noqa: E402
 import recipes  # noqa: E402

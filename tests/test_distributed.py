@@ -68,7 +68,10 @@ def load(path):
 
 @pytest.fixture(scope='module')
 def two_process_finetune(tmp_path_factory):
-    """A 4-step finetune (no dropout, batches of 3) by two processes, in a folder of its own: (folder, CompletedProcess)."""
+    """A 4-step finetune (no dropout, batches of 3) by two processes, in a folder of its own.
+
+    Returns (folder, CompletedProcess).
+    """
     folder = tmp_path_factory.mktemp('two')
     result = torchrun(TINY + FINETUNE + ['--writing_params_path', 'two.params'], folder)
     assert result.returncode == 0, result.stderr[-3000:]

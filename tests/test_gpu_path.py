@@ -8,8 +8,8 @@ tests run only where CUDA is present (bench/gpu_check.sh runs them there).
 import json
 import os
 import random
-import subprocess
 import statistics
+import subprocess
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ import model
 import optim
 import trainer
 import utils
-from conftest import ROOT, MASK_CHAR, PAD_CHAR, small_config, synthetic_corpus
+from conftest import MASK_CHAR, PAD_CHAR, ROOT, small_config, synthetic_corpus
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 CPU = torch.device('cpu')

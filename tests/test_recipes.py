@@ -42,7 +42,8 @@ def test_laptop_recipe_changes_model_and_pretraining_only_where_it_says():
     assert pretrain == dict(faithful_pretrain, max_epochs=230, warmup_tokens=100 * 128 * 127, first_step_lr='scheduled',
                             final_tokens=230 * N_DOCS * 127, precision='auto')
     assert 'first_step_lr' not in faithful_pretrain  # the original: the trainer's default, 'full'
-    for function_args in (['--finetune_corpus_path', 'f'], ['--finetune_corpus_path', 'f', '--reading_params_path', 'r']):
+    for function_args in (['--finetune_corpus_path', 'f'],
+                          ['--finetune_corpus_path', 'f', '--reading_params_path', 'r']):
         argv = ['finetune', 'vanilla', 'wiki.txt', '--writing_params_path', 'p'] + function_args
         _, faithful = settings(argv)
         assert settings(argv + ['--recipe', 'laptop'])[1] == dict(faithful, precision='auto')

@@ -12,14 +12,14 @@ import sys
 import pytest
 import torch
 
+import checks
+import dataset
+import model
+import run
+import utils
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, 'src')  # on sys.path through conftest
-
-import checks 
-import dataset 
-import model 
-import run 
-import utils 
 
 WIKI = os.path.join(ROOT, 'wiki.txt')
 TRAIN_TSV = os.path.join(ROOT, 'birth_places_train.tsv')

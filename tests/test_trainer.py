@@ -9,7 +9,6 @@ from torch.utils.data import TensorDataset
 
 import batching
 import checkpoint
-import dataset
 import model
 import optim
 import trainer
@@ -402,7 +401,7 @@ def test_bf16_autocast_loss_close_to_fp32(char_dataset, synthesizer):
     m = model.GPT(small_config(synthesizer, block_size=128, n_embd=64, n_head=4, n_layer=2,
                                vocab_size=char_dataset.vocab_size)).eval()
     with torch.no_grad():
-        for name, p in m.named_parameters():   # move away from the near-uniform init
+        for p in m.parameters():   # move away from the near-uniform init
             if p.dim() > 1:
                 p.normal_(0, 0.1)
         _, loss32 = m(x, y)
