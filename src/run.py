@@ -26,23 +26,22 @@ import shutil
 import signal
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batching  # noqa: E402
 import checkpoint  # noqa: E402
 import checks  # noqa: E402
 import dataset  # noqa: E402
 import distributed  # noqa: E402
+import evaluation  # noqa: E402
 import gpu_path  # noqa: E402
 import model  # noqa: E402
 import optim  # noqa: E402
 import recipes  # noqa: E402
 import trainer  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 
 BLOCK_SIZE = recipes.BLOCK_SIZE
-EVAL_STEPS = 32  # characters greedily decoded per question
 
 # Command-line overrides: flag -> (where it goes, add_argument keywords).
 OVERRIDES = {
@@ -187,115 +186,6 @@ def describe(args, device, model_settings, train_settings):
     return f'{args.function} {args.variant}: ' + ' '.join(items)
 
 
-def training_data(args, corpus, pretrain_dataset):
-    """(the dataset to train on, the texts it comes from): the corpus itself, or the checked finetuning TSV."""
-    if args.function == 'pretrain':
-        return pretrain_dataset, [corpus]
-    finetune_text = checks.read_text(args.finetune_corpus_path, '--finetune_corpus_path')
-    name_dataset = dataset.NameDataset(pretrain_dataset, finetune_text)
-    checks.check_finetune(name_dataset, args.finetune_corpus_path, args.pretrain_corpus_path)
-    return name_dataset, [corpus, finetune_text]
-
-
-def resume_checkpoint(args, info):
-    """With --resume, the checkpoint to continue from; without, None (and no checkpoint may be in the way)."""
-    path = args.checkpoint_path
-    if not args.resume:
-        if os.path.exists(path):
-            raise checks.BadInput(f'a checkpoint of an interrupted run is at {path}: add --resume to continue it, '
-                                  f'or delete it to start afresh', checks.USAGE)
-        return None
-    saved, changed = checks.read_checkpoint(path, info)
-    saved_processes = len(saved.get('rank_states') or [None])
-    if saved_processes != distributed.world_size():
-        raise checks.BadInput(f'checkpoint {path} was written by {saved_processes} process(es) and this run has '
-                              f'{distributed.world_size()}; resume with as many (torchrun --nproc_per_node, '
-                              f'--nnodes), since each keeps random states of its own', checks.USAGE)
-    if changed and distributed.is_main():
-        print(f"warning: resuming with training settings other than the checkpoint's: {'; '.join(changed)}",
-              file=sys.stderr)
-    return saved
-
-
-def train(args, gpt, train_dataset, train_settings, device, info=None, saved=None):
-    """Train (from the checkpoint `saved` when resuming), write the params, then delete the training checkpoint.
-
-    With several processes (torchrun), rank 0 alone writes the metrics, checkpoints and params and shows
-    the progress bar; every other rank reseeds its random states (dropout, span corruption) with
-    seed + rank once the model and the data order, the same on every rank, are drawn.
-    """
-    main = distributed.is_main()
-    config = trainer.TrainerConfig(metrics_path=args.metrics_path if main else None, compile=args.compile,
-                                   show_progress=not args.quiet and main,
-                                   checkpoint_path=args.checkpoint_path, checkpoint_minutes=args.checkpoint_minutes,
-                                   checkpoint_info=info, **train_settings)
-    t = trainer.Trainer(gpt, train_dataset, None, config, device=device)
-    if distributed.rank() > 0:
-        utils.set_seed(args.seed + distributed.rank())
-    if saved is not None:
-        t.resume(saved)
-        if main:
-            print(f'Resuming from {args.checkpoint_path}: epoch {t.state.epoch + 1}, step {t.state.step}', flush=True)
-    t.train()
-    if not main:
-        return
-    with utils.atomic_write(args.writing_params_path) as temporary:
-        torch.save(gpt.state_dict(), temporary)
-    if os.path.exists(args.checkpoint_path):
-        os.remove(args.checkpoint_path)
-    print(f'Params written to {args.writing_params_path}; metrics in {args.metrics_path}')
-
-
-def predict(gpt, pretrain_dataset, questions, device, show_progress, skip=()):
-    """The place predicted for each question: the text between the first and second MASK.
-
-    Questions whose index is in `skip` get ''. A prompt too long for the cached
-    decoder goes through utils.sample, which crops the context to the block
-    size as the original evaluation did.
-    """
-    mask, stoi, itos = pretrain_dataset.MASK_CHAR, pretrain_dataset.stoi, pretrain_dataset.itos
-    prompts = {i: [stoi[c] for c in q + mask] for i, q in enumerate(questions) if i not in skip}
-    fits = [i for i, p in prompts.items() if len(p) + EVAL_STEPS - 1 <= gpt.get_block_size()]
-    # Decoding may stop at the second MASK: nothing after it is part of a prediction.
-    decoded = utils.greedy_decode(gpt, [prompts[i] for i in fits], EVAL_STEPS, device=device,
-                                  show_progress=show_progress, stop_id=stoi[mask])
-    continuations = dict(zip(fits, decoded))
-    for i, prompt in prompts.items():
-        if i not in continuations:
-            x = torch.tensor([prompt], dtype=torch.long, device=device)
-            continuations[i] = utils.sample(gpt, x, EVAL_STEPS)[0, len(prompt):].tolist()
-    predictions = []
-    for i, q in enumerate(questions):
-        if i in continuations:
-            completion = q + mask + ''.join(itos[t] for t in continuations[i])
-            predictions.append(completion.split(mask)[1])
-        else:
-            predictions.append('')
-    return predictions
-
-
-def read_questions(args, pretrain_dataset):
-    """The eval questions and {index: characters the vocabulary lacks}; the synthesizer's length limit checked."""
-    max_positions = BLOCK_SIZE - 1 if args.variant == 'synthesizer' else None
-    return checks.read_questions(args.eval_corpus_path, pretrain_dataset.stoi, max_positions, EVAL_STEPS)
-
-
-def evaluate(args, gpt, pretrain_dataset, device, questions, unknown):
-    """Predict a place for every question (read_questions), write them whole, then print the accuracy."""
-    for index, chars in sorted(unknown.items()):
-        print(f'warning: {args.eval_corpus_path} line {index + 1}: {", ".join(map(repr, chars))} not in the '
-              f'vocabulary of {args.pretrain_corpus_path}; predicting an empty string', file=sys.stderr)
-    predictions = predict(gpt, pretrain_dataset, questions, device, show_progress=not args.quiet, skip=unknown)
-    with utils.atomic_write(args.outputs_path) as temporary, open(temporary, 'w', encoding='utf-8') as fout:
-        for p in predictions:
-            fout.write(p + '\n')
-    total, correct = utils.evaluate_places(args.eval_corpus_path, predictions)
-    if total > 0:
-        print(f'Correct: {correct} out of {total}: {correct / total * 100}%')
-    else:
-        print(f'Predictions written to {args.outputs_path}; no targets provided')
-
-
 @utils.flush_denormals()  # before any computation, so that every CPU thread flushes (utils.flush_denormals)
 def run(args):
     """Check every input, then pretrain, finetune or evaluate as `args` say."""
@@ -309,11 +199,11 @@ def run(args):
     checks.check_outputs(output_paths(args), input_paths(args))
 
     if args.function == 'evaluate':
-        questions, unknown = read_questions(args, pretrain_dataset)
+        questions, unknown = evaluation.read_questions(args, pretrain_dataset)
     else:
-        train_dataset, texts = training_data(args, corpus, pretrain_dataset)
+        train_dataset, texts = training.training_data(args, corpus, pretrain_dataset)
         info = checkpoint.run_info(args.function, args.variant, texts, model_settings, train_settings)
-        saved = resume_checkpoint(args, info)
+        saved = training.resume_checkpoint(args, info)
 
     if args.function == 'evaluate':
         if not distributed.is_main():
@@ -326,9 +216,9 @@ def run(args):
     if distributed.is_main():
         print(describe(args, device, model_settings, train_settings), flush=True)
     if args.function == 'evaluate':
-        evaluate(args, gpt, pretrain_dataset, device, questions, unknown)
+        evaluation.evaluate(args, gpt, pretrain_dataset, device, questions, unknown)
     else:
-        train(args, gpt, train_dataset, train_settings, device, info, saved)
+        training.train(args, gpt, train_dataset, train_settings, device, info, saved)
 
 
 def resume_command(argv):

@@ -19,6 +19,7 @@ import checkpoint
 import checks
 import distributed
 import run
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(ROOT, 'src', 'run.py')
@@ -207,12 +208,12 @@ def test_resume_refuses_a_checkpoint_of_another_process_count(tmp_path, monkeypa
                            '--resume'])
     monkeypatch.setattr(checks, 'read_checkpoint', lambda path, info: ({'rank_states': [{}, {}]}, []))
     with pytest.raises(checks.BadInput, match='written by 2 process'):
-        run.resume_checkpoint(args, info=None)
+        training.resume_checkpoint(args, info=None)
     monkeypatch.setenv('WORLD_SIZE', '2')
-    assert run.resume_checkpoint(args, info=None) == {'rank_states': [{}, {}]}
+    assert training.resume_checkpoint(args, info=None) == {'rank_states': [{}, {}]}
     monkeypatch.setenv('WORLD_SIZE', '3')
     with pytest.raises(checks.BadInput, match='this run has 3'):
-        run.resume_checkpoint(args, info=None)
+        training.resume_checkpoint(args, info=None)
 
 
 def test_only_ranks_other_than_0_wait_for_rank_0_to_exit(monkeypatch):

@@ -14,6 +14,7 @@ import torch
 
 import checks
 import dataset
+import evaluation
 import model
 import run
 import utils
@@ -574,7 +575,7 @@ def test_interrupted_params_write_keeps_previous_params(tmp_path, capsys, monkey
     def save_then_interrupt(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
         raise KeyboardInterrupt
-    monkeypatch.setattr(run.torch, 'save', save_then_interrupt)
+    monkeypatch.setattr(torch, 'save', save_then_interrupt)
     code, out, err = call(['pretrain', 'vanilla', WIKI, '--writing_params_path', path, '--checkpoint_minutes', '60']
                           + TINY, capsys)
     assert code == 130 and 'Traceback' not in err and 'Interrupted' in err
@@ -604,7 +605,8 @@ def test_interrupted_predictions_write_keeps_previous_file(tmp_path, capsys, mon
                 raise KeyboardInterrupt
             self.f.write(text)
 
-    monkeypatch.setattr(run, 'open', lambda *args, **kwargs: InterruptedFile(open(*args, **kwargs)), raising=False)
+    monkeypatch.setattr(evaluation, 'open', lambda *args, **kwargs: InterruptedFile(open(*args, **kwargs)),
+                        raising=False)
     code, out, err = call(evaluate_argv(params, tmp_path, eval_path=dev_small), capsys)
     assert code == 130 and 'Traceback' not in err and 'no predictions were written' in err
     assert out_path.read_text() == 'previous predictions\n'
@@ -749,14 +751,14 @@ def test_run_flushes_denormals_on_every_thread(tmp_path, wiki_vocab, dev_small):
 import sys
 sys.path.insert(0, {SRC!r})
 import torch
-import dataset, model, run, trainer, utils
+import dataset, evaluation, model, run, trainer, utils
 torch.set_num_threads(2)
 print('imported', float(torch.full((1,), 1e-39) * 1.5) == 0)  # this thread only: it starts no worker threads
-evaluate = run.evaluate
+evaluate = evaluation.evaluate
 def spy(*args):
     print('evaluate', utils.denormals_flushed())
     evaluate(*args)
-run.evaluate = spy
+evaluation.evaluate = spy
 run.main(sys.argv[1:])
 '''
     argv = ['evaluate', 'vanilla', WIKI, '--reading_params_path', params_path, '--eval_corpus_path', dev_small,
