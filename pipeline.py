@@ -119,8 +119,7 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main():
-    has_gpu = torch.cuda.is_available()
+def build_parser(has_gpu):
     parser = ArgumentParser(prog='pipeline.py', description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--recipe', choices=['faithful', 'laptop'], default='faithful' if has_gpu else 'laptop')
@@ -130,7 +129,12 @@ def main():
                         help='sequences run at once, each step in its own process (default: all four on a '
                              'machine with a CUDA GPU, 1 otherwise)')
     parser.add_argument('extra', nargs='*', help='further src/run.py flags for every step (after --)')
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    has_gpu = torch.cuda.is_available()
+    args = build_parser(has_gpu).parse_args()
     pipeline_command = shlex.join([sys.executable, 'pipeline.py'] + sys.argv[1:])
     out = args.outdir or ('.' if args.recipe == 'faithful' else 'laptop')
     os.chdir(ROOT)

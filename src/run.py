@@ -37,6 +37,7 @@ import gpu_path  # noqa: E402
 import model  # noqa: E402
 import optim  # noqa: E402
 import recipes  # noqa: E402
+import steps  # noqa: E402
 import trainer  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
@@ -50,7 +51,7 @@ OVERRIDES = {
     'batch_size': ('train', dict(type=int, help='batch size')),
     'learning_rate': ('train', dict(type=float, help='peak learning rate')),
     'weight_decay': ('train', dict(type=float, help='AdamW weight decay (on the parameters --weight_decay_on picks)')),
-    'precision': ('train', dict(choices=trainer.PRECISIONS,
+    'precision': ('train', dict(choices=steps.PRECISIONS,
                                 help="'bf16': autocast; 'auto': bf16 on a capable GPU, else fp32; "
                                      "'tf32': fp32 with TF32 matrix products on a CUDA GPU")),
     'chunks': ('train', dict(type=int, help='run each batch as this many length-sorted, trimmed pieces (same math)')),

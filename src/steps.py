@@ -1,4 +1,5 @@
-"""The default training step (EagerStep), and make_step, which picks it or gpu_path's fixed-shape step.
+"""The default training step (EagerStep), make_step, which picks it or gpu_path's fixed-shape step, and the
+precision the steps compute in.
 
 The trainer calls the step it is given once per batch: `count` (the tokens
 the schedule counts), then `run` (the optimizer step; its loss a float, or
@@ -10,6 +11,25 @@ import torch
 
 import distributed
 import gpu_path
+import utils
+
+PRECISIONS = ('fp32', 'bf16', 'auto', 'tf32')  # 'auto': bf16 on a GPU that supports it, else fp32; see autocast_dtype
+
+
+def autocast_dtype(precision, device):
+    """The autocast dtype for a precision setting, or None for plain fp32.
+
+    'tf32' keeps fp32 tensors but lets a CUDA GPU multiply them in TF32, as
+    PyTorch 1.7-1.11 did by default on Ampere GPUs (the original's era); it
+    changes nothing on a CPU.
+    """
+    utils.check_choice('precision', precision, PRECISIONS)
+    if precision == 'tf32' and device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if precision == 'bf16' or (precision == 'auto' and device.type == 'cuda' and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
 
 
 def loss_sum(forward, x, y, amp_dtype):

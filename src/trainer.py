@@ -26,7 +26,6 @@ import optim
 import steps
 import utils
 
-PRECISIONS = ('fp32', 'bf16', 'auto', 'tf32')  # 'auto': bf16 on a GPU that supports it, else fp32; see autocast_dtype
 FIRST_STEP_LRS = ('full', 'scheduled')  # see Trainer.train
 
 
@@ -60,7 +59,7 @@ class TrainerConfig:
     num_workers = 0
     # additions; the defaults leave the original computation as it was
     max_steps = None       # stop after this many optimizer steps (None: run every epoch)
-    precision = 'fp32'     # one of PRECISIONS: 'bf16' is autocast
+    precision = 'fp32'     # one of steps.PRECISIONS: 'bf16' is autocast
     trim_padding = True    # drop trailing columns whose targets are all pad (exact: attention is causal)
     chunks = 1             # split each batch into this many length-sorted, trimmed pieces
     batching = 'random'    # one of batching.BATCHINGS
@@ -79,22 +78,6 @@ class TrainerConfig:
     def __init__(self, **kwargs):
         for k, v in kwargs.items():
             setattr(self, k, v)
-
-
-def autocast_dtype(precision, device):
-    """The autocast dtype for a precision setting, or None for plain fp32.
-
-    'tf32' keeps fp32 tensors but lets a CUDA GPU multiply them in TF32, as
-    PyTorch 1.7-1.11 did by default on Ampere GPUs (the original's era); it
-    changes nothing on a CPU.
-    """
-    utils.check_choice('precision', precision, PRECISIONS)
-    if precision == 'tf32' and device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if precision == 'bf16' or (precision == 'auto' and device.type == 'cuda' and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
 
 
 def check_finite(what, value, step, epoch, learning_rate):
@@ -132,7 +115,7 @@ class Trainer:
         self.device = utils.resolve_device(device)
         self.model.to(self.device)
         self.forward = self.model  # compiled by train() with config.compile
-        self.amp_dtype = autocast_dtype(config.precision, self.device)
+        self.amp_dtype = steps.autocast_dtype(config.precision, self.device)
         self.optimizer = None
         self.callbacks = defaultdict(list)
         # The shuffling (and DataLoader worker seeds) come from a generator of

@@ -8,6 +8,7 @@ import torch
 
 import checkpoint
 import model
+import steps
 import trainer
 import utils
 from conftest import small_config, tiny_model, toy_dataset
@@ -41,7 +42,7 @@ def test_bf16_autocast_loss_close_to_fp32(char_dataset, synthesizer):
             if p.dim() > 1:
                 p.normal_(0, 0.1)
         _, loss32 = m(x, y)
-        dtype = trainer.autocast_dtype('bf16', torch.device('cpu'))
+        dtype = steps.autocast_dtype('bf16', torch.device('cpu'))
         assert dtype == torch.bfloat16
         with torch.autocast('cpu', dtype=dtype):
             logits16, loss16 = m(x, y)
@@ -52,13 +53,13 @@ def test_bf16_autocast_loss_close_to_fp32(char_dataset, synthesizer):
 
 def test_autocast_dtype_settings():
     cpu = torch.device('cpu')
-    assert trainer.autocast_dtype('fp32', cpu) is None
-    assert trainer.autocast_dtype('auto', cpu) is None     # bf16 on a CPU only when asked
-    assert trainer.autocast_dtype('bf16', cpu) == torch.bfloat16
-    assert trainer.autocast_dtype('tf32', cpu) is None     # fp32 tensors; TF32 products only on a CUDA GPU
+    assert steps.autocast_dtype('fp32', cpu) is None
+    assert steps.autocast_dtype('auto', cpu) is None     # bf16 on a CPU only when asked
+    assert steps.autocast_dtype('bf16', cpu) == torch.bfloat16
+    assert steps.autocast_dtype('tf32', cpu) is None     # fp32 tensors; TF32 products only on a CUDA GPU
     assert not torch.backends.cuda.matmul.allow_tf32       # and a CPU run leaves the CUDA setting alone
     with pytest.raises(ValueError):
-        trainer.autocast_dtype('fp16x', cpu)
+        steps.autocast_dtype('fp16x', cpu)
 
 
 def test_same_seed_gives_identical_params():
