@@ -46,7 +46,7 @@ def build(kind, vocab_size):
     utils.set_seed(0)
     gpt = model.GPT(model.GPTConfig(vocab_size, 128, n_layer=4, n_head=8, n_embd=256))
     with torch.no_grad():
-        for name, module in gpt.named_modules():
+        for module in gpt.modules():
             if kind == 'nn defaults' and module is not gpt and hasattr(module, 'reset_parameters'):
                 module.reset_parameters()
         if kind == 'denormal weights':

@@ -75,7 +75,8 @@ def main():
     parser.add_argument('--steps', type=int, default=6, help='timed steps per configuration')
     parser.add_argument('--batch_size', type=int, default=128)
     parser.add_argument('--device', help='default: CUDA when present')
-    parser.add_argument('--only', nargs='*', help='substrings of configuration names to run (the reference always runs)')
+    parser.add_argument('--only', nargs='*',
+                        help='substrings of configuration names to run (the reference always runs)')
     parser.add_argument('--compile', action='store_true', help='also torch.compile the fast configurations')
     args = parser.parse_args()
     device = utils.resolve_device(args.device)

@@ -6,7 +6,7 @@
     python src/run.py evaluate  vanilla wiki.txt --reading_params_path vanilla.finetune.params \
         --eval_corpus_path birth_dev.tsv --outputs_path vanilla.pretrain.dev.predictions
 
-The hyperparameters of every run live in RECIPES below; `--recipe laptop`
+The hyperparameters of every run live in src/recipes.py; `--recipe laptop`
 picks a CPU-sized one, and the override flags change single settings.
 
 Every input is checked (src/checks.py) before anything is trained or written:
@@ -26,74 +26,23 @@ import shutil
 import signal
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batching  # noqa: E402
 import checkpoint  # noqa: E402
 import checks  # noqa: E402
 import dataset  # noqa: E402
-import gpu_path  # noqa: E402
 import distributed  # noqa: E402
+import evaluation  # noqa: E402
+import gpu_path  # noqa: E402
 import model  # noqa: E402
+import optim  # noqa: E402
+import recipes  # noqa: E402
+import steps  # noqa: E402
 import trainer  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 
-BLOCK_SIZE = 128
-EVAL_STEPS = 32  # characters greedily decoded per question
-
-
-def faithful_recipe(n_documents, device, max_epochs=None, variant='vanilla'):
-    """The original assignment's settings, the same for both variants (its cosine is fixed in tokens:
-    max_epochs leaves it alone).
-
-    How batches are run depends on the device and leaves the math as it is:
-    on a CPU, no DataLoader workers (building a batch costs under 0.1% of a
-    step and workers only compete for the cores, bench/data_loader.py) and
-    each batch split into 4 length-sorted trimmed chunks (2.3x the reference
-    step, bench/train_step.py); on a GPU the original's 4 workers, whole batches.
-    """
-    final_tokens = 200 * n_documents * BLOCK_SIZE
-    on_gpu = device.type == 'cuda'
-    schedule = dict(lr_decay=True, warmup_tokens=512 * 20, final_tokens=final_tokens,
-                    num_workers=4 if on_gpu else 0, chunks=1 if on_gpu else 4)
-    return {
-        'model': dict(n_layer=4, n_head=8, n_embd=256),
-        'pretrain': dict(max_epochs=650, batch_size=128, learning_rate=6e-3, **schedule),
-        'finetune_scratch': dict(max_epochs=75, batch_size=256, learning_rate=6e-4, **schedule),
-        'finetune_pretrained': dict(max_epochs=10, batch_size=256, learning_rate=6e-4, **schedule),
-    }
-
-
-LAPTOP_PRETRAIN_EPOCHS = {'vanilla': 230, 'synthesizer': 320}  # the laptop recipe's pretraining, by variant
-
-
-def laptop_recipe(n_documents, device, max_epochs=None, variant='vanilla'):
-    """A recipe sized for a 2-core CPU (EXPERIMENTS.md has the runs behind it).
-
-    A narrower, dropout-free model (width 128, 4 heads), pretrained for 230
-    epochs (vanilla) or 320 (the synthesizer, which learns more slowly per
-    step: at 230 it scored 3.8-4.4% dev, at 320 4.6-6.4%). The cosine's
-    final_tokens is the run's length, --max_epochs (given here as
-    `max_epochs`) included; like the original's, the cosine stops falling at
-    10% of the peak rate, 80% of the way through. A warmup over 100 batches
-    starts at the first step: a first step at the full rate, as the original
-    takes it, holds this model's loss 0.1-0.3 higher over its first 1,000
-    steps. Weight decay stays the faithful 0.1. Batches of 128 run as 4
-    length-sorted trimmed chunks on a CPU, as in the faithful recipe.
-    """
-    recipe = faithful_recipe(n_documents, device)
-    recipe['model'] = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    epochs = LAPTOP_PRETRAIN_EPOCHS[variant] if max_epochs is None else max_epochs
-    recipe['pretrain'].update(max_epochs=epochs, warmup_tokens=100 * 128 * (BLOCK_SIZE - 1),
-                              first_step_lr='scheduled', final_tokens=epochs * n_documents * (BLOCK_SIZE - 1),
-                              precision='auto')
-    for key in ('finetune_scratch', 'finetune_pretrained'):
-        recipe[key].update(precision='auto')
-    return recipe
-
-
-RECIPES = {'faithful': faithful_recipe, 'laptop': laptop_recipe}
+BLOCK_SIZE = recipes.BLOCK_SIZE
 
 # Command-line overrides: flag -> (where it goes, add_argument keywords).
 OVERRIDES = {
@@ -102,14 +51,14 @@ OVERRIDES = {
     'batch_size': ('train', dict(type=int, help='batch size')),
     'learning_rate': ('train', dict(type=float, help='peak learning rate')),
     'weight_decay': ('train', dict(type=float, help='AdamW weight decay (on the parameters --weight_decay_on picks)')),
-    'precision': ('train', dict(choices=trainer.PRECISIONS,
+    'precision': ('train', dict(choices=steps.PRECISIONS,
                                 help="'bf16': autocast; 'auto': bf16 on a capable GPU, else fp32; "
                                      "'tf32': fp32 with TF32 matrix products on a CUDA GPU")),
     'chunks': ('train', dict(type=int, help='run each batch as this many length-sorted, trimmed pieces (same math)')),
     'batching': ('train', dict(choices=batching.BATCHINGS,
                                help="'random' (the original) or 'stratified': each batch made of CHUNKS pieces "
                                     "of similar length, dealt from the whole epoch sorted by length")),
-    'weight_decay_on': ('train', dict(choices=trainer.WEIGHT_DECAY_ON,
+    'weight_decay_on': ('train', dict(choices=optim.WEIGHT_DECAY_ON,
                                       help="'all' (the original: every parameter but biases) or 'matrices' "
                                            "(Linear weights and the Synthesizer's w2 only)")),
     'first_step_lr': ('train', dict(choices=trainer.FIRST_STEP_LRS,
@@ -141,7 +90,7 @@ def build_parser():
     parser = ArgumentParser(prog='run.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('function', choices=['pretrain', 'finetune', 'evaluate'],
                         help='whether to pretrain, finetune or evaluate a model')
-    parser.add_argument('variant', choices=['vanilla', 'synthesizer'], help='which attention to use')
+    parser.add_argument('variant', choices=list(recipes.VARIANTS), help='which attention to use')
     parser.add_argument('pretrain_corpus_path', help='pretraining text; it also defines the vocabulary')
     parser.add_argument('--reading_params_path', help='params file to load first')
     parser.add_argument('--writing_params_path', help='where to save the trained params')
@@ -149,7 +98,7 @@ def build_parser():
     parser.add_argument('--eval_corpus_path', help='TSV of questions (and places) to evaluate on')
     parser.add_argument('--outputs_path', help='where to write one prediction per line')
     extra = parser.add_argument_group('recipe and overrides (defaults: the original settings)')
-    extra.add_argument('--recipe', choices=sorted(RECIPES), default='faithful',
+    extra.add_argument('--recipe', choices=sorted(recipes.RECIPES), default='faithful',
                        help="hyperparameter set: 'faithful' (the original) or 'laptop' (sized for a CPU)")
     for name, (_, keywords) in OVERRIDES.items():
         extra.add_argument('--' + name, **keywords)
@@ -183,14 +132,12 @@ def parse_args(argv):
 
 def settings_for(args, n_documents, device):
     """(model settings, trainer settings) of this run: the recipe, then the overrides."""
-    recipe = RECIPES[args.recipe](n_documents, device, args.max_epochs, args.variant)
-    model_settings = dict(recipe['model'])
     if args.function == 'pretrain':
-        train_settings = dict(recipe['pretrain'])
-    elif args.reading_params_path:
-        train_settings = dict(recipe['finetune_pretrained'])
+        stage = 'pretrain'
     else:
-        train_settings = dict(recipe['finetune_scratch'])
+        stage = 'finetune_pretrained' if args.reading_params_path else 'finetune_scratch'
+    model_settings, train_settings = recipes.settings(args.recipe, args.variant, stage, n_documents, device,
+                                                      args.max_epochs)
     for name, (where, _) in OVERRIDES.items():
         value = getattr(args, name)
         if value is None:
@@ -221,7 +168,7 @@ def input_paths(args):
 def build_model(args, vocab_size, model_settings, device):
     """The GPT of this run, with the --reading_params_path params (checked to fit) when given."""
     checks.check_model_size(model_settings, vocab_size, BLOCK_SIZE, training=args.function != 'evaluate')
-    config = model.GPTConfig(vocab_size, BLOCK_SIZE, synthesizer=args.variant == 'synthesizer', **model_settings)
+    config = model.GPTConfig(vocab_size, BLOCK_SIZE, **recipes.VARIANTS[args.variant], **model_settings)
     gpt = model.GPT(config)
     if args.reading_params_path:
         state = checks.load_tensors(args.reading_params_path, '--reading_params_path')
@@ -240,115 +187,6 @@ def describe(args, device, model_settings, train_settings):
     return f'{args.function} {args.variant}: ' + ' '.join(items)
 
 
-def training_data(args, corpus, pretrain_dataset):
-    """(the dataset to train on, the texts it comes from): the corpus itself, or the checked finetuning TSV."""
-    if args.function == 'pretrain':
-        return pretrain_dataset, [corpus]
-    finetune_text = checks.read_text(args.finetune_corpus_path, '--finetune_corpus_path')
-    name_dataset = dataset.NameDataset(pretrain_dataset, finetune_text)
-    checks.check_finetune(name_dataset, args.finetune_corpus_path, args.pretrain_corpus_path)
-    return name_dataset, [corpus, finetune_text]
-
-
-def resume_checkpoint(args, info):
-    """With --resume, the checkpoint to continue from; without, None (and no checkpoint may be in the way)."""
-    path = args.checkpoint_path
-    if not args.resume:
-        if os.path.exists(path):
-            raise checks.BadInput(f'a checkpoint of an interrupted run is at {path}: add --resume to continue it, '
-                                  f'or delete it to start afresh', checks.USAGE)
-        return None
-    saved, changed = checks.read_checkpoint(path, info)
-    saved_processes = len(saved.get('rank_states') or [None])
-    if saved_processes != distributed.world_size():
-        raise checks.BadInput(f'checkpoint {path} was written by {saved_processes} process(es) and this run has '
-                              f'{distributed.world_size()}; resume with as many (torchrun --nproc_per_node, '
-                              f'--nnodes), since each keeps random states of its own', checks.USAGE)
-    if changed and distributed.is_main():
-        print(f"warning: resuming with training settings other than the checkpoint's: {'; '.join(changed)}",
-              file=sys.stderr)
-    return saved
-
-
-def train(args, gpt, train_dataset, train_settings, device, info=None, saved=None):
-    """Train (from the checkpoint `saved` when resuming), write the params, then delete the training checkpoint.
-
-    With several processes (torchrun), rank 0 alone writes the metrics, checkpoints and params and shows
-    the progress bar; every other rank reseeds its random states (dropout, span corruption) with
-    seed + rank once the model and the data order, the same on every rank, are drawn.
-    """
-    main = distributed.is_main()
-    config = trainer.TrainerConfig(metrics_path=args.metrics_path if main else None, compile=args.compile,
-                                   show_progress=not args.quiet and main,
-                                   checkpoint_path=args.checkpoint_path, checkpoint_minutes=args.checkpoint_minutes,
-                                   checkpoint_info=info, **train_settings)
-    t = trainer.Trainer(gpt, train_dataset, None, config, device=device)
-    if distributed.rank() > 0:
-        utils.set_seed(args.seed + distributed.rank())
-    if saved is not None:
-        t.resume(saved)
-        if main:
-            print(f'Resuming from {args.checkpoint_path}: epoch {t.state.epoch + 1}, step {t.state.step}', flush=True)
-    t.train()
-    if not main:
-        return
-    with utils.atomic_write(args.writing_params_path) as temporary:
-        torch.save(gpt.state_dict(), temporary)
-    if os.path.exists(args.checkpoint_path):
-        os.remove(args.checkpoint_path)
-    print(f'Params written to {args.writing_params_path}; metrics in {args.metrics_path}')
-
-
-def predict(gpt, pretrain_dataset, questions, device, show_progress, skip=()):
-    """The place predicted for each question: the text between the first and second MASK.
-
-    Questions whose index is in `skip` get ''. A prompt too long for the cached
-    decoder goes through utils.sample, which crops the context to the block
-    size as the original evaluation did.
-    """
-    mask, stoi, itos = pretrain_dataset.MASK_CHAR, pretrain_dataset.stoi, pretrain_dataset.itos
-    prompts = {i: [stoi[c] for c in q + mask] for i, q in enumerate(questions) if i not in skip}
-    fits = [i for i, p in prompts.items() if len(p) + EVAL_STEPS - 1 <= gpt.get_block_size()]
-    # Decoding may stop at the second MASK: nothing after it is part of a prediction.
-    decoded = utils.greedy_decode(gpt, [prompts[i] for i in fits], EVAL_STEPS, device=device,
-                                  show_progress=show_progress, stop_id=stoi[mask])
-    continuations = dict(zip(fits, decoded))
-    for i, prompt in prompts.items():
-        if i not in continuations:
-            x = torch.tensor([prompt], dtype=torch.long, device=device)
-            continuations[i] = utils.sample(gpt, x, EVAL_STEPS)[0, len(prompt):].tolist()
-    predictions = []
-    for i, q in enumerate(questions):
-        if i in continuations:
-            completion = q + mask + ''.join(itos[t] for t in continuations[i])
-            predictions.append(completion.split(mask)[1])
-        else:
-            predictions.append('')
-    return predictions
-
-
-def read_questions(args, pretrain_dataset):
-    """The eval questions and {index: characters the vocabulary lacks}; the synthesizer's length limit checked."""
-    max_positions = BLOCK_SIZE - 1 if args.variant == 'synthesizer' else None
-    return checks.read_questions(args.eval_corpus_path, pretrain_dataset.stoi, max_positions, EVAL_STEPS)
-
-
-def evaluate(args, gpt, pretrain_dataset, device, questions, unknown):
-    """Predict a place for every question (read_questions), write them whole, then print the accuracy."""
-    for index, chars in sorted(unknown.items()):
-        print(f'warning: {args.eval_corpus_path} line {index + 1}: {", ".join(map(repr, chars))} not in the '
-              f'vocabulary of {args.pretrain_corpus_path}; predicting an empty string', file=sys.stderr)
-    predictions = predict(gpt, pretrain_dataset, questions, device, show_progress=not args.quiet, skip=unknown)
-    with utils.atomic_write(args.outputs_path) as temporary, open(temporary, 'w', encoding='utf-8') as fout:
-        for p in predictions:
-            fout.write(p + '\n')
-    total, correct = utils.evaluate_places(args.eval_corpus_path, predictions)
-    if total > 0:
-        print(f'Correct: {correct} out of {total}: {correct / total * 100}%')
-    else:
-        print(f'Predictions written to {args.outputs_path}; no targets provided')
-
-
 @utils.flush_denormals()  # before any computation, so that every CPU thread flushes (utils.flush_denormals)
 def run(args):
     """Check every input, then pretrain, finetune or evaluate as `args` say."""
@@ -362,11 +200,11 @@ def run(args):
     checks.check_outputs(output_paths(args), input_paths(args))
 
     if args.function == 'evaluate':
-        questions, unknown = read_questions(args, pretrain_dataset)
+        questions, unknown = evaluation.read_questions(args, pretrain_dataset)
     else:
-        train_dataset, texts = training_data(args, corpus, pretrain_dataset)
+        train_dataset, texts = training.training_data(args, corpus, pretrain_dataset)
         info = checkpoint.run_info(args.function, args.variant, texts, model_settings, train_settings)
-        saved = resume_checkpoint(args, info)
+        saved = training.resume_checkpoint(args, info)
 
     if args.function == 'evaluate':
         if not distributed.is_main():
@@ -379,9 +217,9 @@ def run(args):
     if distributed.is_main():
         print(describe(args, device, model_settings, train_settings), flush=True)
     if args.function == 'evaluate':
-        evaluate(args, gpt, pretrain_dataset, device, questions, unknown)
+        evaluation.evaluate(args, gpt, pretrain_dataset, device, questions, unknown)
     else:
-        train(args, gpt, train_dataset, train_settings, device, info, saved)
+        training.train(args, gpt, train_dataset, train_settings, device, info, saved)
 
 
 def resume_command(argv):

@@ -95,7 +95,7 @@ def sample(model, x, steps, temperature=1.0, sample=False, top_k=None):
     """
     block_size = model.get_block_size()
     model.eval()
-    for k in range(steps):
+    for _ in range(steps):
         x_cond = x if x.size(1) <= block_size else x[:, -block_size:]
         logits, _ = model(x_cond)
         logits = logits[:, -1, :] / temperature

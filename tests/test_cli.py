@@ -229,6 +229,7 @@ def test_evaluate_is_deterministic(runs):
 
 def test_help_documents_every_override(runs):
     import argparse
+
     import run
     r = ok(runs, 'help')
     text = r.stdout

@@ -19,6 +19,7 @@ import checkpoint
 import checks
 import distributed
 import run
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(ROOT, 'src', 'run.py')
@@ -26,8 +27,9 @@ WIKI = os.path.join(ROOT, 'wiki.txt')
 TRAIN_TSV = os.path.join(ROOT, 'birth_places_train.tsv')
 TINY = ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--batch_size', '8', '--device', 'cpu', '--quiet']
 # Batches of 3: shares of 1 and 2 examples, so the ranks run different numbers of pieces (chunks) per step.
+# The rate set before each step (as the laptop recipe sets it) must count the global batch's tokens too.
 FINETUNE = ['finetune', 'vanilla', WIKI, '--finetune_corpus_path', TRAIN_TSV, '--dropout', '0', '--max_steps', '4',
-            '--batch_size', '3']
+            '--batch_size', '3', '--first_step_lr', 'scheduled']
 TIMEOUT = 120
 
 pytestmark = pytest.mark.usefixtures('single_thread')  # conftest: tiny models, one thread
@@ -67,7 +69,10 @@ def load(path):
 
 @pytest.fixture(scope='module')
 def two_process_finetune(tmp_path_factory):
-    """A 4-step finetune (no dropout, batches of 3) by two processes, in a folder of its own: (folder, CompletedProcess)."""
+    """A 4-step finetune (no dropout, batches of 3) by two processes, in a folder of its own.
+
+    Returns (folder, CompletedProcess).
+    """
     folder = tmp_path_factory.mktemp('two')
     result = torchrun(TINY + FINETUNE + ['--writing_params_path', 'two.params'], folder)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -203,12 +208,12 @@ def test_resume_refuses_a_checkpoint_of_another_process_count(tmp_path, monkeypa
                            '--resume'])
     monkeypatch.setattr(checks, 'read_checkpoint', lambda path, info: ({'rank_states': [{}, {}]}, []))
     with pytest.raises(checks.BadInput, match='written by 2 process'):
-        run.resume_checkpoint(args, info=None)
+        training.resume_checkpoint(args, info=None)
     monkeypatch.setenv('WORLD_SIZE', '2')
-    assert run.resume_checkpoint(args, info=None) == {'rank_states': [{}, {}]}
+    assert training.resume_checkpoint(args, info=None) == {'rank_states': [{}, {}]}
     monkeypatch.setenv('WORLD_SIZE', '3')
     with pytest.raises(checks.BadInput, match='this run has 3'):
-        run.resume_checkpoint(args, info=None)
+        training.resume_checkpoint(args, info=None)
 
 
 def test_only_ranks_other_than_0_wait_for_rank_0_to_exit(monkeypatch):
