@@ -174,16 +174,34 @@ def check_finetune(name_dataset, path, corpus_path):
                            f'({", ".join(map(repr, unknown))}); remove them or add them to the pretraining corpus')
 
 
-def read_questions(path, stoi, max_positions=None, steps=32):
+EVAL_PROMPTS = ('original', 'stripped')  # see read_questions and docs/test-prompts.md
+
+
+def lines_as_read(text):
+    """The lines of `text` as iterating over a file in text mode gives them: each with its '\n', the last
+    without one when the text does not end in a newline."""
+    lines = [line + '\n' for line in text.split('\n')]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
+
+
+def read_questions(path, stoi, max_positions=None, steps=32, prompt='original'):
     """The evaluation questions (first tab field of each line) and {line index: unknown characters}.
 
+    With prompt 'original' each question is what the original's
+    `line.split('\t')[0]` gives for a line read in text mode: a line without
+    a tab (birth_test_inputs.tsv) keeps its newline, so its prompt is
+    `...born?\n` + MASK, while the question of a `question<TAB>place` line
+    has none. 'stripped' drops the newline from every line (docs/test-prompts.md).
     A question with characters the vocabulary lacks is only reported back; one
     whose decoding needs more than max_positions positions (the Synthesizer's
     limit) is an error.
     """
     flag = '--eval_corpus_path'
+    utils.check_choice('prompt', prompt, EVAL_PROMPTS)
     text = read_text(path, flag, encoding='utf-8-sig')
-    questions = [line.split('\t')[0] for line in dataset.split_documents(text)]
+    lines = lines_as_read(text) if prompt == 'original' else dataset.split_documents(text)
+    questions = [line.split('\t')[0] for line in lines]
     if not questions:
         raise BadInput(f'{flag} {path} has no lines; it needs one question (or question<TAB>place) per line')
     try:
