@@ -237,7 +237,7 @@ class Trainer:
         self.fixed_step = gpu_path.FixedShapeStep(self.model, self.forward, self.optimizer, config.grad_norm_clip,
                                                   self.amp_dtype, config.batch_size,
                                                   gpu_path.width_of(self.train_dataset, self.model), self.device, graph)
-        self.deferred = gpu_path.DeferredMetrics()
+        self.deferred = gpu_path.DeferredMetrics(self.fixed_step)
 
     def epoch_batches(self, epoch, resuming):
         """The batches of `epoch` not yet trained on, each (pieces on the device, token count).
@@ -373,16 +373,23 @@ class Trainer:
             self.metrics.write(json.dumps(record) + '\n')
 
     def flush_metrics(self, pbar=None):
-        """Write the held lines whose loss was on the device (one host sync); show the last loss on the bar."""
+        """Write the held lines whose loss was on the device (one host sync); show the last loss on the bar.
+
+        A step whose loss or gradient norm was not finite is reported here:
+        the fixed step skipped its update and every later one, so the model
+        is that of the step before it, and no params or checkpoint follow.
+        """
         if self.deferred is None:
             return
         flushed = []
-        last = self.deferred.flush(flushed.append)
+        last, diverged = self.deferred.flush(flushed.append)
         for record in flushed:
             self.write_metrics(**record)
-            # here a diverged run is seen only now, its later steps applied: no params or checkpoint follow
-            if not math.isfinite(record['loss']):
-                raise TrainingDiverged(record['step'], record['epoch'] - 1, 'loss', record['loss'], record['lr'])
+        if diverged is not None:
+            if pbar is not None:
+                pbar.close()
+            record, what, value = diverged
+            raise TrainingDiverged(record['step'], record['epoch'] - 1, what, value, record['lr'])
         if pbar is not None and last is not None:
             pbar.set_description(f"epoch {last['epoch']} iter {self.state.batches_done - 1}: "
                                  f"train loss {last['loss']:.5f}. lr {last['lr']:e}")
