@@ -13,6 +13,7 @@ import torch
 
 import checkpoint
 import dataset
+import distributed
 import utils
 
 USAGE = 2
@@ -55,6 +56,9 @@ def check_flags(args):
                                                     and args.checkpoint_minutes >= 0):
         raise BadInput(f'--checkpoint_minutes must be a finite number, 0 or more, got {args.checkpoint_minutes}',
                        USAGE)
+    if args.compile and args.train_step == 'graph':
+        raise BadInput("--compile and --train_step graph do not go together: the CUDA graph records the step's "
+                       "kernels itself; drop --compile, or use --train_step fixed with it", USAGE)
     if not 0 <= args.seed <= MAX_SEED:
         raise BadInput(f'--seed must be a whole number from 0 to {MAX_SEED} (2**32 - 1, what numpy accepts), '
                        f'got {args.seed}', USAGE)
@@ -110,9 +114,13 @@ def check_model_size(model_settings, vocab_size, block_size, training):
 
 
 def check_device(name):
-    """The torch device to run on (CUDA when present if `name` is None), checked to be usable."""
+    """The torch device to run on (CUDA when present if `name` is None), checked to be usable.
+
+    Under torchrun on GPUs it is this process's GPU (distributed.rank_device),
+    chosen before the check touches CUDA.
+    """
     try:
-        device = utils.resolve_device(name)
+        device = distributed.rank_device(utils.resolve_device(name))
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:
         raise BadInput(f"--device {name}: not usable here ({first_line(e)}); "

@@ -328,9 +328,12 @@ class DeferredMetrics:
         return last, None
 
 
-def check_choices(data_path, train_step):
+def check_choices(data_path, train_step, compile=False):
     utils.check_choice('data_path', data_path, DATA_PATHS)
     utils.check_choice('train_step', train_step, TRAIN_STEPS)
+    if compile and train_step == 'graph':
+        raise ValueError("compile and train_step 'graph' do not go together: the CUDA graph records the step's "
+                         "kernels itself; use train_step 'fixed' with compile")
 
 
 def width_of(dataset, model):

@@ -216,8 +216,10 @@ class Trainer:
             lr = config.learning_rate * (lr_multiplier(self.state.tokens, config) if config.lr_decay else 1)
             for group, weight_decay in zip(self.optimizer.param_groups, decay):
                 group.update(lr=lr, weight_decay=weight_decay)
-        self.forward = torch.compile(self.model) if config.compile else self.model
-        self.forward = distributed.wrap(self.forward, self.device)  # with several processes: DDP
+        gpu_path.check_choices(config.data_path, config.train_step, config.compile)
+        self.forward = distributed.wrap(self.model, self.device)  # with several processes: DDP, wrapped first
+        if config.compile:
+            self.forward = torch.compile(self.forward)
         self.prepare_gpu_path()
         self.metrics = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
         self.start_time = time.time() - self.state.elapsed
