@@ -23,11 +23,10 @@ Both are off by default (the CPU path and every default run are as before):
   A diverging run is caught before its update without a host sync: a step
   whose loss or gradient norm is not finite sets a flag on the device that
   makes fused AdamW skip its update and every later one, and the next flush
-  of the metrics (at the latest, before a checkpoint or the epoch's end)
-  reports the step, so the params and checkpoints stay those of the last good
-  step.
+  of the metrics (metrics.MetricsLog; at the latest, before a checkpoint or
+  at the epoch's end) reports the step, so the params and checkpoints stay
+  those of the last good step.
 """
-import math
 import sys
 
 import torch
@@ -206,8 +205,8 @@ class FixedShapeStep:
     here to `self.skip`, a device flag that turns 1 at the first step whose
     loss or gradient norm is not finite and stays 1, so that step's update
     and every later one are skipped (step counts included) with no host
-    sync. `last_norm` is each step's gradient norm (before clipping), for
-    DeferredMetrics to report.
+    sync. `last_norm` is each step's gradient norm (before clipping), which
+    `run` hands on with the loss for the flush to check.
     """
 
     def __init__(self, model, forward, optimizer, grad_norm_clip, amp_dtype, batch_size, width, device, graph):
@@ -260,6 +259,21 @@ class FixedShapeStep:
         self.last_norm = self.norm.clone()
         return self.loss.clone()
 
+    def count(self, pieces, batch_tokens):
+        """The tokens the schedule counts (trainer.EagerStep.count): one process, so the batch's own."""
+        return batch_tokens
+
+    def run(self, pieces):
+        """The trainer's call: the batch as its one piece; pending on the device, its loss and gradient norm."""
+        (x, y), = pieces
+        loss = self(x, y)
+        return torch.stack([loss, self.last_norm.to(loss.dtype)])
+
+    @staticmethod
+    def resolve(pending):
+        """The loss and gradient norm of steps gone by as floats, in one host sync (metrics.MetricsLog.flush)."""
+        return [{'loss': loss, 'gradient norm': norm} for loss, norm in torch.stack(pending).tolist()]
+
     def eager_step(self):
         self.model.zero_grad(set_to_none=True)
         self.body()
@@ -285,47 +299,6 @@ class FixedShapeStep:
             self.model.zero_grad(set_to_none=True)
             return
         self.graph = graph
-
-
-class DeferredMetrics:
-    """Metrics records whose loss is a device tensor, held until `flush` writes them with one host sync.
-
-    With a FixedShapeStep, each record added right after its step also holds
-    that step's gradient norm, so that a flush finds the first step whose
-    loss or gradient norm was not finite.
-    """
-
-    def __init__(self, step=None):
-        self.step = step
-        self.records, self.norms = [], []
-
-    def add(self, record):
-        self.records.append(record)
-        if self.step is not None:
-            self.norms.append(self.step.last_norm)
-
-    def flush(self, write):
-        """write(record) for each held record, its loss now a float, up to the first diverged step.
-
-        Returns (the last record written or None, None) or, when a step's
-        loss or gradient norm was not finite, (the last record written before
-        it, (that step's record, 'loss' or 'gradient norm', the value)): that
-        record and those after it, whose updates were skipped, are not written.
-        """
-        if not self.records:
-            return None, None
-        values = torch.stack([r['loss'] for r in self.records] + self.norms).tolist()
-        losses, norms = values[:len(self.records)], values[len(self.records):] or [0.0] * len(self.records)
-        records = [dict(record, loss=loss) for record, loss in zip(self.records, losses)]
-        self.records, self.norms = [], []
-        last = None
-        for record, norm in zip(records, norms):
-            for what, value in (('loss', record['loss']), ('gradient norm', norm)):
-                if not math.isfinite(value):
-                    return last, (record, what, value)
-            write(record)
-            last = record
-        return last, None
 
 
 def check_choices(data_path, train_step, compile=False):

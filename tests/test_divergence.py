@@ -85,7 +85,7 @@ def test_non_finite_gradient_with_finite_loss_stops_before_its_update(tmp_path, 
     with pytest.raises(trainer.TrainingDiverged, match=f'the gradient norm is nan at step {BAD_STEP} '):
         t.train()
     if device == 'cuda' and train_step == 'graph':
-        assert t.fixed_step.graph is not None   # the bad step was a replay
+        assert t.train_step.graph is not None   # the bad step was a replay
     # the model is that of the last good step, bit for bit: the bad step's update (and any later one) was skipped
     state = gpt.state_dict()
     assert all(bool(torch.isfinite(v).all()) for v in state.values())
@@ -115,7 +115,7 @@ def test_fixed_step_skips_updates_on_the_device_until_the_flush(tmp_path, data, 
     with pytest.raises(trainer.TrainingDiverged, match=f'the gradient norm is nan at step {BAD_STEP} '):
         t.train()
     assert calls == list(range(1, 11))   # the whole epoch ran; the flush at its end found the bad step
-    assert float(t.fixed_step.skip) == 1.0
+    assert float(t.train_step.skip) == 1.0
     assert all(bool(torch.isfinite(v).all()) for v in gpt.state_dict().values())
     assert {int(s['step']) for s in t.optimizer.state_dict()['state'].values()} == {BAD_STEP - 1}
 

@@ -19,6 +19,7 @@ import checkpoint
 import dataset
 import gpu_path
 import model
+import optim
 import trainer
 import utils
 from conftest import ROOT, MASK_CHAR, PAD_CHAR, small_config, synthetic_corpus
@@ -146,7 +147,7 @@ def test_tensor_learning_rate_trains_like_a_float_one():
         m = model.GPT(small_config(False))
         torch.manual_seed(0)
         m.load_state_dict(model.GPT(small_config(False)).state_dict())
-        opt = trainer.make_optimizer(m, trainer.TrainerConfig(learning_rate=1e-2), CPU)
+        opt = optim.make_optimizer(m, trainer.TrainerConfig(learning_rate=1e-2), CPU)
         if tensor_lr:
             gpu_path.use_tensor_lr(opt, CPU, capturable=False)
         for step in range(3):
@@ -201,7 +202,7 @@ def test_graph_off_cuda_is_the_fixed_step(char_dataset, tmp_path):
 
 def fixed_steps(m, lrs, x, y, graph=False):
     """FixedShapeStep on (x, y) at each rate of `lrs` in turn (the rate a tensor, as the trainer sets it)."""
-    opt = trainer.make_optimizer(m, trainer.TrainerConfig(learning_rate=lrs[0]), CPU)
+    opt = optim.make_optimizer(m, trainer.TrainerConfig(learning_rate=lrs[0]), CPU)
     gpu_path.use_tensor_lr(opt, CPU, capturable=False)
     step = gpu_path.FixedShapeStep(m, m, opt, 1.0, None, x.size(0), x.size(1), CPU, graph=graph)
     if graph:
@@ -329,7 +330,7 @@ def test_cuda_graph_step_trains_like_the_eager_fixed_step(char_dataset, synthesi
     cuda = torch.device('cuda')
     t, eager, eager_rows = graph_run(char_dataset, 'fixed', cuda, synthesizer, tmp_path)
     t, graph, graph_rows = graph_run(char_dataset, 'graph', cuda, synthesizer, tmp_path)
-    assert t.fixed_step.graph is not None and t.fixed_step.eager_steps == gpu_path.GRAPH_WARMUP_STEPS
+    assert t.train_step.graph is not None and t.train_step.eager_steps == gpu_path.GRAPH_WARMUP_STEPS
     assert [r['lr'] for r in graph_rows] == [r['lr'] for r in eager_rows]
     for a, b in zip(graph_rows, eager_rows):
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-5, abs=1e-6), (a, b)
@@ -346,7 +347,7 @@ def test_cuda_graph_replays_draw_fresh_dropout_while_training(char_dataset, pdro
     utils.set_seed(0)
     m = model.GPT(small_config(False, block_size=128, n_embd=64, n_head=4, n_layer=2, vocab_size=256,
                                pdrop=pdrop)).to(cuda)
-    opt = trainer.make_optimizer(m, trainer.TrainerConfig(learning_rate=6e-3), cuda)
+    opt = optim.make_optimizer(m, trainer.TrainerConfig(learning_rate=6e-3), cuda)
     gpu_path.use_tensor_lr(opt, cuda, capturable=True)
     step = gpu_path.FixedShapeStep(m, m, opt, 1.0, None, 16, 127, cuda, graph=True)
     x, y = gpu_path.DeviceEpochs(char_dataset, cuda).epoch(torch.arange(16), torch.Generator().manual_seed(0))
