@@ -25,7 +25,10 @@ set -u
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then echo "usage: bash bench/gpu_check.sh OUTDIR [SECONDS]" >&2; exit 2; fi
 cd "$(dirname "$0")/.."
 OUT=$1
-BUDGET=${2:-540}
+BUDGET=${2-540}
+case $BUDGET in
+  ''|*[!0-9]*) echo "gpu_check.sh: SECONDS must be a whole number of seconds, got '$BUDGET'" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}

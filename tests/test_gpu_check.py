@@ -7,6 +7,7 @@ left, and a part past its limit is stopped without stopping the others.
 """
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -28,8 +29,26 @@ def dry_run(out, budget, pipeline_flags=TINY_FLAGS):
                GPU_CHECK_FLAGS=pipeline_flags,
                GPU_CHECK_BENCH_ARGS='--documents 16 --epochs 1 --batch_size 8 --n_layer 1 --n_head 2 --n_embd 16',
                GPU_CHECK_TESTS='tests/test_gpu_path.py -k ready_to_run')
-    return subprocess.run(['bash', SCRIPT, str(out), str(budget)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_script([str(out), str(budget)], env, timeout=600)
+
+
+def run_script(args, env=None, timeout=600):
+    """bash bench/gpu_check.sh ARGS in a session of its own; past `timeout`, every process of that session is
+    killed (the script's parts run under `timeout`, in process groups of their own) and the test fails."""
+    process = subprocess.Popen(['bash', SCRIPT] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [int(p) for p in os.listdir('/proc') if p.isdigit()]:
+            try:
+                if os.getsid(pid) == process.pid:
+                    os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        process.communicate()
+        pytest.fail(f'bench/gpu_check.sh {" ".join(args)} ran past {timeout} s')
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def summary_lines(out):
@@ -111,3 +130,12 @@ def test_the_checks_tests_are_the_cuda_ones():
         assert any(name in i for i in ids), (name, ids)
     assert all('cuda' in i.lower() for i in ids), ids
     assert len(ids) >= 14
+
+
+@pytest.mark.parametrize('budget', ['9m', '-5', ''])
+def test_a_budget_that_is_not_a_number_of_seconds_is_one_line_and_nothing_made(tmp_path, budget):
+    out = tmp_path / 'check'
+    result = run_script([str(out), budget], timeout=60)
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr == f"gpu_check.sh: SECONDS must be a whole number of seconds, got '{budget}'\n"
+    assert not out.exists()
