@@ -264,15 +264,19 @@ class FixedShapeStep:
         return batch_tokens
 
     def run(self, pieces):
-        """The trainer's call: the batch as its one piece; pending on the device, its loss and gradient norm."""
+        """The trainer's call: the batch as its one piece. Pending on the device: its loss, gradient norm and
+        the learning rate it ran at (a tensor use_tensor_lr made; the trainer sets the next one in place)."""
         (x, y), = pieces
+        lr = self.optimizer.param_groups[0]['lr']
         loss = self(x, y)
-        return torch.stack([loss, self.last_norm.to(loss.dtype)])
+        return torch.stack([loss, self.last_norm.to(loss.dtype), lr.to(loss.dtype)])
 
     @staticmethod
     def resolve(pending):
-        """The loss and gradient norm of steps gone by as floats, in one host sync (metrics.MetricsLog.flush)."""
-        return [{'loss': loss, 'gradient norm': norm} for loss, norm in torch.stack(pending).tolist()]
+        """The loss, gradient norm and learning rate of steps gone by as floats, in one host sync
+        (metrics.MetricsLog.flush)."""
+        return [{'loss': loss, 'gradient norm': norm, 'learning rate': lr}
+                for loss, norm, lr in torch.stack(pending).tolist()]
 
     def eager_step(self):
         self.model.zero_grad(set_to_none=True)

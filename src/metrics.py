@@ -11,7 +11,8 @@ class MetricsLog:
     records are held until `flush`, which turns all their losses into floats
     at once with the step's `resolve` (one host sync, or one all-reduce):
     each a float, or a dict of the values to check, 'loss' among them (the
-    fixed step's also holds its 'gradient norm'). Each record goes to
+    fixed step's also holds its 'gradient norm', and the 'learning rate' it
+    ran at, for the message). Each record goes to
     `check(record, values)` (which may raise) before its line is written, so
     a diverged step's line, and those held after it, are not written.
     """

@@ -222,11 +222,19 @@ class Trainer:
         if config.data_path == 'device' and self.device_epochs is None:
             self.device_epochs = gpu_path.DeviceEpochs(self.train_dataset, self.device)
         file = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
-        self.log = metrics.MetricsLog(file, self.train_step.resolve, lambda record, values: [check_finite(
-            what, value, record['step'], record['epoch'] - 1, record['lr']) for what, value in values.items()])
+        self.log = metrics.MetricsLog(file, self.train_step.resolve, self.check_flushed)
         self.start_time = time.time() - self.state.elapsed
         self.last_save = time.time()
         return resuming
+
+    def check_flushed(self, record, values):
+        """check_finite for a step whose values came back at a flush: its loss, and the fixed step's gradient
+        norm, with the learning rate the step ran at where it came back too (the record's is the next step's
+        when the rate is set after each step)."""
+        values = dict(values)
+        lr = values.pop('learning rate', record['lr'])
+        for what, value in values.items():
+            check_finite(what, value, record['step'], record['epoch'] - 1, lr)
 
     def check_step(self, what, value):
         """check_finite for the step in progress."""

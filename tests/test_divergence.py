@@ -82,8 +82,12 @@ def test_non_finite_gradient_with_finite_loss_stops_before_its_update(tmp_path, 
 
     t, gpt = train(tmp_path, data, train_step, 'diverged', checkpoint_minutes=checkpoint_minutes, nan_at=BAD_STEP,
                    device=device)
-    with pytest.raises(trainer.TrainingDiverged, match=f'the gradient norm is nan at step {BAD_STEP} '):
+    with pytest.raises(trainer.TrainingDiverged, match=f'the gradient norm is nan at step {BAD_STEP} ') as info:
         t.train()
+    # the rate the bad step ran at: the one set after the step before it (the original's order)
+    with open(tmp_path / 'reference.jsonl') as f:
+        rate = [json.loads(line) for line in f][-1]['lr']
+    assert info.value.learning_rate == pytest.approx(rate, rel=1e-6)
     if device == 'cuda' and train_step == 'graph':
         assert t.train_step.graph is not None   # the bad step was a replay
     # the model is that of the last good step, bit for bit: the bad step's update (and any later one) was skipped
