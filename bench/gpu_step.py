@@ -1,6 +1,7 @@
 """Faithful pretraining steps, today's GPU path against each speed-up, as ratios measured in one run.
 
     python bench/gpu_step.py [--variant vanilla] [--epochs 2] [--documents N] [--device cuda]
+                             [--batch_size B --n_layer L --n_head H --n_embd D]
 
 Each configuration trains the faithful model (4 layers, 8 heads, d=256,
 block 128) with the pretraining recipe's batch 128 and schedule on wiki.txt,
@@ -11,6 +12,8 @@ timed. Rows: today's faithful GPU path (4 workers, whole trimmed batches,
 bf16 autocast on a GPU, fused AdamW), then the same with each of
 --data_path device, --train_step fixed and --train_step graph added in turn.
 On a CPU (no CUDA) it runs a small smoke version: --documents 128 by default.
+The size flags replace the recipe's (a smaller smoke run: the CPU dry run of
+bench/gpu_check.sh uses them); the times are then not the faithful ones.
 """
 import argparse
 import datetime
@@ -38,13 +41,16 @@ CONFIGS = {
 }
 
 
-def time_config(corpus, variant, settings, epochs, device, compile_model):
+def time_config(corpus, variant, settings, epochs, device, compile_model, sizes):
     utils.set_seed(0)
     # the GPU recipe, also when smoke-testing
     model_settings, pretrain = recipes.settings('faithful', variant, 'pretrain', len(corpus), torch.device('cuda'))
+    model_settings.update({k: v for k, v in sizes.items() if k != 'batch_size' and v is not None})
     config = model.GPTConfig(corpus.vocab_size, recipes.BLOCK_SIZE, **recipes.VARIANTS[variant], **model_settings)
     gpt = model.GPT(config)
     train_settings = dict(pretrain, precision='auto', **settings)
+    if sizes.get('batch_size'):
+        train_settings['batch_size'] = sizes['batch_size']
     if device.type != 'cuda':
         train_settings['num_workers'] = min(train_settings['num_workers'], 2)
     cfg = trainer.TrainerConfig(show_progress=False, compile=compile_model,
@@ -76,7 +82,11 @@ def main():
                                                       '(default: all 2,937 on a GPU, 128 on a CPU)')
     parser.add_argument('--device', help='default: CUDA when present')
     parser.add_argument('--compile', action='store_true', help='also a row with torch.compile on the last path')
+    for name in ('batch_size', 'n_layer', 'n_head', 'n_embd'):
+        parser.add_argument('--' + name, type=int, help="instead of the faithful recipe's (a smoke run)")
     args = parser.parse_args()
+    sizes = {name: getattr(args, name) for name in ('batch_size', 'n_layer', 'n_head', 'n_embd')}
+    batch_size = args.batch_size or 128
     device = utils.resolve_device(args.device)
     with open(os.path.join(ROOT, 'wiki.txt'), encoding='utf-8') as f:
         lines = f.read().split('\n')[:-1]
@@ -84,18 +94,20 @@ def main():
     corpus = dataset.CharCorruptionDataset('\n'.join(lines[:n]) + '\n', recipes.BLOCK_SIZE)
     where = (torch.cuda.get_device_name() if device.type == 'cuda'
              else f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads')
-    print(f'# faithful pretraining steps, {args.variant}, batch 128, {n} documents, {args.epochs} timed epochs; '
-          f'torch {torch.__version__}; {where}; {datetime.date.today()}')
+    changed = ', '.join(f'{k} {v}' for k, v in sizes.items() if v is not None and k != 'batch_size')
+    print(f'# faithful pretraining steps, {args.variant}, batch {batch_size}, {n} documents, {args.epochs} timed '
+          f'epochs{"; smoke sizes: " + changed if changed else ""}; torch {torch.__version__}; {where}; '
+          f'{datetime.date.today()}')
     configs = dict(CONFIGS)
     if args.compile:
         configs['--train_step fixed + --compile'] = dict(data_path='device', num_workers=0, train_step='fixed')
     reference = None
     for name, settings in configs.items():
         compile_model = name.endswith('--compile')
-        seconds, steps = time_config(corpus, args.variant, settings, args.epochs, device, compile_model)
+        seconds, steps = time_config(corpus, args.variant, settings, args.epochs, device, compile_model, sizes)
         reference = reference or seconds
-        tokens = 128 * (recipes.BLOCK_SIZE - 1) / seconds
-        full_run = seconds * 650 * -(-2937 // 128)
+        tokens = batch_size * (recipes.BLOCK_SIZE - 1) / seconds
+        full_run = seconds * 650 * -(-2937 // batch_size)
         print(f'{name:50s} {seconds * 1000:8.2f} ms/step {tokens:11.0f} tokens/s {reference / seconds:6.2f}x'
               f'   650 epochs: {full_run / 60:6.1f} min  ({steps} steps)', flush=True)
 

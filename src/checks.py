@@ -13,6 +13,7 @@ import torch
 
 import checkpoint
 import dataset
+import distributed
 import utils
 
 USAGE = 2
@@ -55,6 +56,9 @@ def check_flags(args):
                                                     and args.checkpoint_minutes >= 0):
         raise BadInput(f'--checkpoint_minutes must be a finite number, 0 or more, got {args.checkpoint_minutes}',
                        USAGE)
+    if args.compile and args.train_step == 'graph':
+        raise BadInput("--compile and --train_step graph do not go together: the CUDA graph records the step's "
+                       "kernels itself; drop --compile, or use --train_step fixed with it", USAGE)
     if not 0 <= args.seed <= MAX_SEED:
         raise BadInput(f'--seed must be a whole number from 0 to {MAX_SEED} (2**32 - 1, what numpy accepts), '
                        f'got {args.seed}', USAGE)
@@ -110,9 +114,13 @@ def check_model_size(model_settings, vocab_size, block_size, training):
 
 
 def check_device(name):
-    """The torch device to run on (CUDA when present if `name` is None), checked to be usable."""
+    """The torch device to run on (CUDA when present if `name` is None), checked to be usable.
+
+    Under torchrun on GPUs it is this process's GPU (distributed.rank_device),
+    chosen before the check touches CUDA.
+    """
     try:
-        device = utils.resolve_device(name)
+        device = distributed.rank_device(utils.resolve_device(name))
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:
         raise BadInput(f"--device {name}: not usable here ({first_line(e)}); "
@@ -174,16 +182,34 @@ def check_finetune(name_dataset, path, corpus_path):
                            f'({", ".join(map(repr, unknown))}); remove them or add them to the pretraining corpus')
 
 
-def read_questions(path, stoi, max_positions=None, steps=32):
+EVAL_PROMPTS = ('original', 'stripped')  # see read_questions and docs/test-prompts.md
+
+
+def lines_as_read(text):
+    """The lines of `text` as iterating over a file in text mode gives them: each with its '\n', the last
+    without one when the text does not end in a newline."""
+    lines = [line + '\n' for line in text.split('\n')]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
+
+
+def read_questions(path, stoi, max_positions=None, steps=32, prompt='original'):
     """The evaluation questions (first tab field of each line) and {line index: unknown characters}.
 
+    With prompt 'original' each question is what the original's
+    `line.split('\t')[0]` gives for a line read in text mode: a line without
+    a tab (birth_test_inputs.tsv) keeps its newline, so its prompt is
+    `...born?\n` + MASK, while the question of a `question<TAB>place` line
+    has none. 'stripped' drops the newline from every line (docs/test-prompts.md).
     A question with characters the vocabulary lacks is only reported back; one
     whose decoding needs more than max_positions positions (the Synthesizer's
     limit) is an error.
     """
     flag = '--eval_corpus_path'
+    utils.check_choice('prompt', prompt, EVAL_PROMPTS)
     text = read_text(path, flag, encoding='utf-8-sig')
-    questions = [line.split('\t')[0] for line in dataset.split_documents(text)]
+    lines = lines_as_read(text) if prompt == 'original' else dataset.split_documents(text)
+    questions = [line.split('\t')[0] for line in lines]
     if not questions:
         raise BadInput(f'{flag} {path} has no lines; it needs one question (or question<TAB>place) per line')
     try:

@@ -43,17 +43,30 @@ def is_main():
     return rank() == 0
 
 
+def rank_device(device):
+    """The device this process runs on: with several processes on GPUs, cuda:LOCAL_RANK, made the current device.
+
+    checks.check_device calls it before anything touches CUDA, so that each
+    process opens a context on its own GPU only (touching `cuda` first would
+    open one on GPU 0 in every process). With one process, or on a CPU,
+    `device` itself.
+    """
+    if not active() or device.type != 'cuda':
+        return device
+    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+    torch.cuda.set_device(device)
+    return device
+
+
 def init(device):
     """Join the process group when there are several processes; returns the device this process trains on.
 
-    On a GPU each process takes the one of its LOCAL_RANK (NCCL); on a CPU
-    they share it (gloo).
+    On a GPU each process takes the one of its LOCAL_RANK (NCCL; rank_device);
+    on a CPU they share it (gloo).
     """
     if not active():
         return device
-    if device.type == 'cuda':
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-        torch.cuda.set_device(device)
+    device = rank_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
     return device
@@ -85,6 +98,7 @@ def no_sync(module, skip):
     The pieces of one batch but the last run inside it: their gradients
     accumulate locally and the last backward synchronises the sum once.
     """
+    module = getattr(module, '_orig_mod', module)  # torch.compile's wrapper of the DDP module
     if skip and isinstance(module, DistributedDataParallel):
         return module.no_sync()
     return contextlib.nullcontext()

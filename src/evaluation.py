@@ -41,7 +41,8 @@ def predict(gpt, pretrain_dataset, questions, device, show_progress, skip=()):
 def read_questions(args, pretrain_dataset):
     """The eval questions and {index: characters the vocabulary lacks}; the synthesizer's length limit checked."""
     max_positions = recipes.BLOCK_SIZE - 1 if args.variant == 'synthesizer' else None
-    return checks.read_questions(args.eval_corpus_path, pretrain_dataset.stoi, max_positions, STEPS)
+    return checks.read_questions(args.eval_corpus_path, pretrain_dataset.stoi, max_positions, STEPS,
+                                 prompt=args.eval_prompt)
 
 
 def evaluate(args, gpt, pretrain_dataset, device, questions, unknown):

@@ -18,8 +18,17 @@ Both are off by default (the CPU path and every default run are as before):
   loss stays on the device: the metrics lines of an epoch are written at its
   end with one host sync. `train_step='graph'` is the same step captured
   once as a CUDA graph (forward, backward, clipping, fused AdamW) and
-  replayed; off CUDA it runs as 'fixed'.
+  replayed; off CUDA it runs as 'fixed'. If capture fails, the step says so
+  in one line and runs as 'fixed' from there.
+  A diverging run is caught before its update without a host sync: a step
+  whose loss or gradient norm is not finite sets a flag on the device that
+  makes fused AdamW skip its update and every later one, and the next flush
+  of the metrics (metrics.MetricsLog; at the latest, before a checkpoint or
+  at the epoch's end) reports the step, so the params and checkpoints stay
+  those of the last good step.
 """
+import sys
+
 import torch
 
 import batching
@@ -170,6 +179,16 @@ def set_lr(optimizer, lr):
             group['lr'] = lr
 
 
+def on_side_stream(step):
+    """step() on a side stream, the current stream then waiting for it: how torch.cuda.graphs asks the
+    steps before a capture to run."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class FixedShapeStep:
     """One optimizer step on a batch padded to (batch_size, width); returns the mean loss as a device tensor.
 
@@ -179,16 +198,29 @@ class FixedShapeStep:
     position sees a pad column after it, so the loss and gradients are those
     of the batch itself. With `graph` (CUDA only), the step after
     GRAPH_WARMUP_STEPS eager ones is captured as a CUDA graph and every later
-    step replays it.
+    step replays it; if capture fails, one line on stderr says so and every
+    later step runs eagerly.
+
+    The optimizer must be a fused AdamW: its update reads `found_inf`, set
+    here to `self.skip`, a device flag that turns 1 at the first step whose
+    loss or gradient norm is not finite and stays 1, so that step's update
+    and every later one are skipped (step counts included) with no host
+    sync. `last_norm` is each step's gradient norm (before clipping), which
+    `run` hands on with the loss for the flush to check.
     """
 
     def __init__(self, model, forward, optimizer, grad_norm_clip, amp_dtype, batch_size, width, device, graph):
+        if not optimizer.defaults.get('fused'):
+            raise ValueError("train_step 'fixed' and 'graph' need a fused AdamW (fused_optimizer True or 'auto' "
+                             "on a CPU or CUDA device): its update is what skips a diverged step on the device")
         self.model, self.forward, self.optimizer = model, forward, optimizer
         self.grad_norm_clip, self.amp_dtype, self.device = grad_norm_clip, amp_dtype, device
         self.graph_wanted = bool(graph) and device.type == 'cuda'
         self.x = torch.zeros(batch_size, width, dtype=torch.long, device=device)
         self.y = torch.zeros(batch_size, width, dtype=torch.long, device=device)
-        self.loss = None
+        self.skip = torch.zeros((), dtype=torch.float32, device=device)
+        optimizer.found_inf = self.skip
+        self.loss = self.norm = self.last_norm = None
         self.graph = None
         self.eager_steps = 0
 
@@ -200,9 +232,12 @@ class FixedShapeStep:
         n_targets = (self.y != 0).sum().clamp(min=1)
         loss = loss_sum / n_targets
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_norm_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_norm_clip)
+        # on the device: once a loss or gradient norm is not finite, fused AdamW skips every update
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
+        self.skip.copy_(torch.maximum(self.skip, (~finite).float()))
         self.optimizer.step()
-        self.loss = loss.detach()
+        self.loss, self.norm = loss.detach(), norm.detach()
 
     def __call__(self, x, y):
         rows, cols = x.shape
@@ -212,22 +247,16 @@ class FixedShapeStep:
         self.y.zero_()  # pad id 0
         self.x[:rows, :cols].copy_(x)
         self.y[:rows, :cols].copy_(y)
+        if self.graph_wanted and self.graph is None and self.eager_steps >= GRAPH_WARMUP_STEPS:
+            self.capture()
         if self.graph is not None:
             self.graph.replay()
-        elif self.graph_wanted and self.eager_steps >= GRAPH_WARMUP_STEPS:
-            self.capture()
-            self.graph.replay()
-        elif self.graph_wanted:  # warm-up before capture runs on a side stream, as torch.cuda.graphs asks
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.model.zero_grad(set_to_none=True)
-                self.body()
-            torch.cuda.current_stream().wait_stream(side)
+        elif self.graph_wanted:  # the steps before capture
+            on_side_stream(self.eager_step)
             self.eager_steps += 1
         else:
-            self.model.zero_grad(set_to_none=True)
-            self.body()
+            self.eager_step()
+        self.last_norm = self.norm.clone()
         return self.loss.clone()
 
     def count(self, pieces, batch_tokens):
@@ -235,26 +264,53 @@ class FixedShapeStep:
         return batch_tokens
 
     def run(self, pieces):
-        """The trainer's call: the batch as its one piece."""
+        """The trainer's call: the batch as its one piece. Pending on the device: its loss, gradient norm and
+        the learning rate it ran at (a tensor use_tensor_lr made; the trainer sets the next one in place)."""
         (x, y), = pieces
-        return self(x, y)
+        lr = self.optimizer.param_groups[0]['lr']
+        loss = self(x, y)
+        return torch.stack([loss, self.last_norm.to(loss.dtype), lr.to(loss.dtype)])
 
     @staticmethod
-    def resolve(losses):
-        """The losses of steps gone by as floats, in one host sync (metrics.MetricsLog.flush)."""
-        return torch.stack(losses).tolist()
+    def resolve(pending):
+        """The loss, gradient norm and learning rate of steps gone by as floats, in one host sync
+        (metrics.MetricsLog.flush)."""
+        return [{'loss': loss, 'gradient norm': norm, 'learning rate': lr}
+                for loss, norm, lr in torch.stack(pending).tolist()]
+
+    def eager_step(self):
+        self.model.zero_grad(set_to_none=True)
+        self.body()
 
     def capture(self):
-        """Record one step: the gradients are allocated inside the graph, so each replay writes them afresh."""
+        """Record one step: the gradients are allocated inside the graph, so each replay writes them afresh.
+
+        If capture fails, the step runs eagerly from here on (graph_wanted
+        off) and one line on stderr says so: capture runs nothing, so the
+        model and optimizer are as the last eager step left them.
+        """
         self.model.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.body()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a call in another thread (a DataLoader's pin-memory thread) does not break the capture
+            with torch.cuda.graph(graph, capture_error_mode='thread_local'):
+                self.body()
+        except Exception as e:  # noqa: BLE001 - any failure of capture: fall back, never end the run
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            print(f"warning: CUDA graph capture failed ({type(e).__name__}: {first}); train_step 'graph' runs "
+                  f"as 'fixed' (eager) from here on", file=sys.stderr, flush=True)
+            self.graph_wanted = False
+            self.model.zero_grad(set_to_none=True)
+            return
+        self.graph = graph
 
 
-def check_choices(data_path, train_step):
+def check_choices(data_path, train_step, compile=False):
     utils.check_choice('data_path', data_path, DATA_PATHS)
     utils.check_choice('train_step', train_step, TRAIN_STEPS)
+    if compile and train_step == 'graph':
+        raise ValueError("compile and train_step 'graph' do not go together: the CUDA graph records the step's "
+                         "kernels itself; use train_step 'fixed' with compile")
 
 
 def width_of(dataset, model):

@@ -97,6 +97,10 @@ def build_parser():
     parser.add_argument('--finetune_corpus_path', help='TSV of questions and places to finetune on')
     parser.add_argument('--eval_corpus_path', help='TSV of questions (and places) to evaluate on')
     parser.add_argument('--outputs_path', help='where to write one prediction per line')
+    parser.add_argument('--eval_prompt', choices=checks.EVAL_PROMPTS, default='original',
+                        help="'original' (default): each prompt is the line's first tab field as the original "
+                             "reads it, so a line without a tab (birth_test_inputs.tsv) keeps its newline; "
+                             "'stripped': no newline in any prompt (docs/test-prompts.md)")
     extra = parser.add_argument_group('recipe and overrides (defaults: the original settings)')
     extra.add_argument('--recipe', choices=sorted(recipes.RECIPES), default='faithful',
                        help="hyperparameter set: 'faithful' (the original) or 'laptop' (sized for a CPU)")

@@ -92,7 +92,7 @@ class EagerStep:
 
 def make_step(model, forward, optimizer, config, amp_dtype, dataset, device, check):
     """The training step that `train_step` names: EagerStep, or gpu_path.FixedShapeStep (fixed or graph)."""
-    gpu_path.check_choices(config.data_path, config.train_step)
+    gpu_path.check_choices(config.data_path, config.train_step, config.compile)
     if config.train_step == 'default':
         return EagerStep(model, forward, optimizer, config.grad_norm_clip, amp_dtype, device, check)
     graph = config.train_step == 'graph'

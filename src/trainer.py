@@ -32,10 +32,12 @@ FIRST_STEP_LRS = ('full', 'scheduled')  # see Trainer.train
 class TrainingDiverged(Exception):
     """Raised by Trainer.train() at the first non-finite loss or gradient norm (check_finite).
 
-    The default step checks before it changes anything: the model and
+    Neither step kind lets that step change anything: the model and
     optimizer keep the previous step's values, and no training checkpoint is
     saved for the failed step, so the last one saved stays the last good one.
-    The fixed-shape step's loss is checked when its metrics are flushed.
+    The default step checks on the host before its update; the fixed-shape
+    step skips the update on the device (and every later one) and is stopped
+    when its metrics are flushed (gpu_path.FixedShapeStep).
     """
 
     def __init__(self, step, epoch, what, value, learning_rate):
@@ -195,18 +197,27 @@ class Trainer:
         if resuming:
             optim.restore(self.optimizer, self.saved_optimizer, optim.scheduled_lr(self.state.tokens, config))
             self.saved_optimizer = None
-        self.forward = torch.compile(self.model) if config.compile else self.model
-        self.forward = distributed.wrap(self.forward, self.device)  # with several processes: DDP
+        self.forward = distributed.wrap(self.model, self.device)  # with several processes: DDP, wrapped first
+        if config.compile:
+            self.forward = torch.compile(self.forward)
         self.train_step = steps.make_step(self.model, self.forward, self.optimizer, config, self.amp_dtype,
                                           self.train_dataset, self.device, self.check_step)
         if config.data_path == 'device' and self.device_epochs is None:
             self.device_epochs = gpu_path.DeviceEpochs(self.train_dataset, self.device)
         file = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
-        self.log = metrics.MetricsLog(file, self.train_step.resolve, lambda record: check_finite(
-            'loss', record['loss'], record['step'], record['epoch'] - 1, record['lr']))
+        self.log = metrics.MetricsLog(file, self.train_step.resolve, self.check_flushed)
         self.start_time = time.time() - self.state.elapsed
         self.last_save = time.time()
         return resuming
+
+    def check_flushed(self, record, values):
+        """check_finite for a step whose values came back at a flush: its loss, and the fixed step's gradient
+        norm, with the learning rate the step ran at where it came back too (the record's is the next step's
+        when the rate is set after each step)."""
+        values = dict(values)
+        lr = values.pop('learning rate', record['lr'])
+        for what, value in values.items():
+            check_finite(what, value, record['step'], record['epoch'] - 1, lr)
 
     def check_step(self, what, value):
         """check_finite for the step in progress."""

@@ -212,19 +212,67 @@ def test_evaluate_test_inputs(runs):
     assert len(read_lines(path)) == 437
 
 
-def test_evaluate_is_deterministic(runs):
-    """The dev and test runs used the same params; the same question gives the same prediction."""
-    ok(runs, 'v_dev')
-    ok(runs, 'v_test')
-    dev = read_lines(runs['dir'] / 'v.dev.predictions')
-    test = read_lines(runs['dir'] / 'v.test.predictions')
+def random_params(tmp_path):
+    """A freshly initialised model (width 32) whose 500 dev predictions are varied (over 100 distinct),
+    so a prediction given to the wrong question shows."""
+    import model
+    import run
+    import utils
+    with open(os.path.join(ROOT, 'wiki.txt'), encoding='utf-8') as f:
+        vocab_size = len(set(f.read())) + 2
+    utils.set_seed(1)
+    gpt = model.GPT(model.GPTConfig(vocab_size, run.BLOCK_SIZE, n_layer=1, n_head=2, n_embd=32))
+    path = tmp_path / 'random.params'
+    torch.save(gpt.state_dict(), path)
+    return path
+
+
+def evaluate_in_process(tmp_path, params, lines, name, capsys):
+    import run
+    corpus = tmp_path / f'{name}.tsv'
+    corpus.write_text(''.join(lines), encoding='utf-8')
+    out = tmp_path / f'{name}.predictions'
+    run.main([str(a) for a in ['evaluate', 'vanilla', os.path.join(ROOT, 'wiki.txt'), '--reading_params_path',
+                               params, '--eval_corpus_path', corpus, '--outputs_path', out, '--n_layer', '1',
+                               '--n_head', '2', '--n_embd', '32', '--device', 'cpu', '--quiet']])
+    capsys.readouterr()
+    return read_lines(out)
+
+
+def test_evaluate_is_deterministic(tmp_path, capsys):
+    """The same questions evaluated twice, twice in one file, and in another order (other batches): the same
+    prediction for each question every time."""
+    import random
+    params = random_params(tmp_path)
     with open(os.path.join(ROOT, 'birth_dev.tsv'), encoding='utf-8') as f:
-        dev_q = [line.split('\t')[0] for line in f]
-    with open(os.path.join(ROOT, 'birth_test_inputs.tsv'), encoding='utf-8') as f:
-        test_q = [line.rstrip('\r\n').split('\t')[0] for line in f]
-    dev_by_q = dict(zip(dev_q, dev))
-    shared = [(dev_by_q[q], p) for q, p in zip(test_q, test) if q in dev_by_q]
-    assert all(a == b for a, b in shared)
+        lines = f.readlines()
+    first = evaluate_in_process(tmp_path, params, lines, 'first', capsys)
+    assert len(first) == 500 and len(set(first)) > 100
+    assert evaluate_in_process(tmp_path, params, lines, 'again', capsys) == first
+    assert evaluate_in_process(tmp_path, params, lines + lines, 'twice', capsys) == first + first
+    order = list(range(500))
+    random.Random(0).shuffle(order)
+    shuffled = evaluate_in_process(tmp_path, params, [lines[i] for i in order], 'shuffled', capsys)
+    assert shuffled == [first[i] for i in order]
+
+
+def test_greedy_decode_gives_each_prompt_its_tokens_whatever_the_batches(tmp_path):
+    """Prompts of mixed lengths, decoded in batches of 512 and of 7 and in another order: the same continuation
+    for each prompt."""
+    import random
+
+    import model
+    import utils
+    utils.set_seed(1)
+    gpt = model.GPT(model.GPTConfig(60, 128, n_layer=1, n_head=2, n_embd=32))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(2, 60) for _ in range(rng.randint(5, 40))] for _ in range(120)]
+    whole = utils.greedy_decode(gpt, prompts, 20)
+    assert len({tuple(c) for c in whole}) > 60
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    small = utils.greedy_decode(gpt, [prompts[i] for i in order], 20, batch_size=7)
+    assert small == [whole[i] for i in order]
 
 
 def test_help_documents_every_override(runs):

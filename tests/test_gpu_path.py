@@ -128,6 +128,7 @@ def test_epoch_batches_use_every_example_once_trim_like_the_loader_and_replay_fr
     assert sorted(rows) == sorted(tuple(name_dataset[i][0].tolist()) for i in range(len(name_dataset)))
     generator.set_state(state)
     batches = list(gpu_path.epoch_batches(epochs, len(name_dataset), 300, generator))
+    assert len(batches) == len(whole) == -(-len(name_dataset) // 300)   # zip below leaves out none
     for (pieces, tokens), (full, _) in zip(batches, whole):
         (x, y), = pieces
         assert tokens == full[0][0].numel()
@@ -172,18 +173,96 @@ def train_run(ds, tmp_path, name, device=CPU, **settings):
     return m.state_dict(), rows
 
 
-@pytest.mark.parametrize('train_step', ['fixed', 'graph'])
-def test_fixed_step_trains_to_the_params_of_the_default_step(char_dataset, tmp_path, train_step):
+@pytest.mark.parametrize('train_step, device', [('fixed', 'cpu'), pytest.param('graph', 'cuda', marks=needs_cuda)])
+def test_fixed_step_trains_to_the_params_of_the_default_step(char_dataset, tmp_path, train_step, device):
     """Same examples (the loader path, Python's random), padded whole batches, the loss synced once an epoch:
-    the params, losses and learning rates of the default step. 'graph' off CUDA runs as 'fixed'."""
+    the params, losses and learning rates of the default step. 'graph' is held to it on a GPU (off CUDA it
+    runs as 'fixed': test_graph_off_cuda_is_the_fixed_step)."""
     ds = torch.utils.data.Subset(char_dataset, range(100))   # 3 batches an epoch, the last of 4 rows
-    reference, ref_rows = train_run(ds, tmp_path, 'reference')
-    fast, rows = train_run(ds, tmp_path, 'fast', train_step=train_step)
+    device = torch.device(device)
+    reference, ref_rows = train_run(ds, tmp_path, 'reference', device=device, precision='fp32')
+    fast, rows = train_run(ds, tmp_path, 'fast', device=device, precision='fp32', train_step=train_step)
     assert [r['step'] for r in rows] == [r['step'] for r in ref_rows] == list(range(1, 7))
     for a, b in zip(rows, ref_rows):
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-5) and a['lr'] == b['lr'] and a['tokens'] == b['tokens']
     for k in reference:
         torch.testing.assert_close(fast[k], reference[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f'{k}: {m}')
+
+
+def test_graph_off_cuda_is_the_fixed_step(char_dataset, tmp_path):
+    """Off CUDA, train_step 'graph' runs the fixed step: the same params, bit for bit, and the same metrics."""
+    ds = torch.utils.data.Subset(char_dataset, range(100))
+    fixed, fixed_rows = train_run(ds, tmp_path, 'fixed', train_step='fixed')
+    graph, graph_rows = train_run(ds, tmp_path, 'graph', train_step='graph')
+    assert [(r['step'], r['loss'], r['lr']) for r in graph_rows] == [(r['step'], r['loss'], r['lr'])
+                                                                     for r in fixed_rows]
+    for k in fixed:
+        assert torch.equal(graph[k], fixed[k]), k
+
+
+def fixed_steps(m, lrs, x, y, graph=False):
+    """FixedShapeStep on (x, y) at each rate of `lrs` in turn (the rate a tensor, as the trainer sets it)."""
+    opt = optim.make_optimizer(m, trainer.TrainerConfig(learning_rate=lrs[0]), CPU)
+    gpu_path.use_tensor_lr(opt, CPU, capturable=False)
+    step = gpu_path.FixedShapeStep(m, m, opt, 1.0, None, x.size(0), x.size(1), CPU, graph=graph)
+    if graph:
+        step.graph_wanted = True   # as on a GPU: warm-up steps, then capture
+    losses = []
+    for lr in lrs:
+        gpu_path.set_lr(opt, lr)
+        losses.append(float(step(x, y)))
+    return step, losses
+
+
+class FailingCapture:
+    """Stands for torch.cuda.graph when capture cannot start (what CUDA says when another call breaks it)."""
+    entered = 0
+
+    def __init__(self, graph, **kwargs):
+        pass
+
+    def __enter__(self):
+        FailingCapture.entered += 1
+        raise RuntimeError('CUDA error: operation not permitted when stream is capturing\n'
+                           'CUDA kernel errors might be asynchronously reported at some other API call')
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize('failure', ['no CUDA graphs here', 'capture invalidated'])
+def test_failed_graph_capture_falls_back_to_the_fixed_step(char_dataset, monkeypatch, capsys, failure):
+    """Capture fails after the warm-up: one warning line, then eager fixed steps, the params of a fixed run."""
+    x, y = gpu_path.DeviceEpochs(small_corpus(char_dataset), CPU).epoch(torch.arange(8),
+                                                                          torch.Generator().manual_seed(0))
+    lrs = [1e-3 * (i + 1) for i in range(gpu_path.GRAPH_WARMUP_STEPS + 4)]
+    utils.set_seed(0)
+    reference = model.GPT(small_config(False, block_size=128, n_embd=32, n_head=4, n_layer=1, vocab_size=256))
+    m = model.GPT(small_config(False, block_size=128, n_embd=32, n_head=4, n_layer=1, vocab_size=256))
+    m.load_state_dict(reference.state_dict())
+    _, reference_losses = fixed_steps(reference, lrs, x, y)
+
+    monkeypatch.setattr(gpu_path, 'on_side_stream', lambda step: step())   # the warm-up, without CUDA streams
+    if failure == 'capture invalidated':
+        monkeypatch.setattr(torch.cuda, 'CUDAGraph', lambda: object())
+        monkeypatch.setattr(torch.cuda, 'graph', FailingCapture)
+        FailingCapture.entered = 0
+    else:   # CPU-only torch: torch.cuda.CUDAGraph() itself raises
+        if torch.cuda.is_available():
+            pytest.skip('this case needs a torch without CUDA')
+    capsys.readouterr()
+    step, losses = fixed_steps(m, lrs, x, y, graph=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith('warning: CUDA graph capture failed (RuntimeError: ')
+    assert lines[0].endswith("; train_step 'graph' runs as 'fixed' (eager) from here on")
+    assert step.graph is None and not step.graph_wanted
+    if failure == 'capture invalidated':
+        assert FailingCapture.entered == 1 and 'operation not permitted' in lines[0]
+    assert losses == reference_losses
+    for k, v in reference.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
 
 
 def small_corpus(char_dataset, n=100):
@@ -212,41 +291,87 @@ def test_device_data_path_trains_and_resumes_exactly(char_dataset, tmp_path):
         torch.testing.assert_close(m.state_dict()[k], whole[k], rtol=0, atol=0)
 
 
+# 3 epochs of 4 batches (32, 32, 32, 4 rows); the warmup lasts 30 full batches, so the rate the captured
+# graph must read from its tensor keeps rising at every replay: 2.7x from the first replayed step to the last
+GRAPH_RUN = dict(max_epochs=3, batch_size=32, learning_rate=6e-3, lr_decay=True, warmup_tokens=30 * 32 * 127,
+                 final_tokens=200 * 300 * 128, show_progress=False, data_path='device', precision='fp32')
+
+
+def graph_run(char_dataset, step, device, synthesizer=False, tmp_path=None):
+    utils.set_seed(0)
+    m = model.GPT(small_config(synthesizer, block_size=128, n_embd=64, n_head=4, n_layer=2, vocab_size=256))
+    metrics = str(tmp_path / f'{step}.jsonl') if tmp_path else None
+    config = trainer.TrainerConfig(train_step=step, metrics_path=metrics, **GRAPH_RUN)
+    t = trainer.Trainer(m, small_corpus(char_dataset), None, config, device=device)
+    t.train()
+    rows = []
+    if metrics:
+        with open(metrics) as f:
+            rows = [json.loads(line) for line in f]
+    return t, {k: v.float().cpu() for k, v in m.state_dict().items()}, rows
+
+
+def test_the_graph_test_replays_while_the_learning_rate_changes(char_dataset, tmp_path):
+    """The premise of the CUDA-graph comparison below: every replayed step runs at a different, rising rate,
+    so a graph that kept the rate of its capture would end far from the eager step."""
+    _, _, rows = graph_run(char_dataset, 'fixed', CPU, tmp_path=tmp_path)
+    assert [r['step'] for r in rows] == list(range(1, 13))
+    # the rate a step runs at is the one the step before it set (the original sets it after each step)
+    replayed = [r['lr'] for r in rows[gpu_path.GRAPH_WARMUP_STEPS:-1]]
+    assert all(b > a for a, b in zip(replayed, replayed[1:]))
+    assert replayed[-1] / replayed[0] > 2.5
+
+
 @needs_cuda
 @pytest.mark.parametrize('synthesizer', [False, True])
-def test_cuda_graph_step_trains_like_the_eager_fixed_step(char_dataset, synthesizer):
-    """On a GPU: the captured step's params equal the eager one's (no dropout), and dropout differs per replay."""
+def test_cuda_graph_step_trains_like_the_eager_fixed_step(char_dataset, synthesizer, tmp_path):
+    """On a GPU, no dropout: captured after the warm-up and replayed while the rate rises, the graph gives the
+    eager fixed step's losses and params up to the rounding of the same kernels."""
     cuda = torch.device('cuda')
-    results = {}
-    for step in ('fixed', 'graph'):
-        utils.set_seed(0)
-        m = model.GPT(small_config(synthesizer, block_size=128, n_embd=64, n_head=4, n_layer=2, vocab_size=256))
-        config = trainer.TrainerConfig(max_epochs=3, batch_size=32, learning_rate=6e-3, lr_decay=True,
-                                       warmup_tokens=512 * 20, final_tokens=200 * 300 * 128, show_progress=False,
-                                       data_path='device', train_step=step, precision='fp32')
-        t = trainer.Trainer(m, small_corpus(char_dataset), None, config, device=cuda)
-        t.train()
-        results[step] = {k: v.float().cpu() for k, v in m.state_dict().items()}
-        if step == 'graph':
-            assert t.train_step.graph is not None
-    for k in results['fixed']:
-        torch.testing.assert_close(results['graph'][k], results['fixed'][k], rtol=1e-3, atol=1e-4)
+    t, eager, eager_rows = graph_run(char_dataset, 'fixed', cuda, synthesizer, tmp_path)
+    t, graph, graph_rows = graph_run(char_dataset, 'graph', cuda, synthesizer, tmp_path)
+    assert t.train_step.graph is not None and t.train_step.eager_steps == gpu_path.GRAPH_WARMUP_STEPS
+    assert [r['lr'] for r in graph_rows] == [r['lr'] for r in eager_rows]
+    for a, b in zip(graph_rows, eager_rows):
+        assert a['loss'] == pytest.approx(b['loss'], rel=1e-5, abs=1e-6), (a, b)
+    for k in eager:
+        torch.testing.assert_close(graph[k], eager[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f'{k}: {m}')
 
 
 @needs_cuda
-def test_cuda_graph_replays_draw_fresh_dropout(char_dataset):
+@pytest.mark.parametrize('pdrop', [0.0, 0.1])
+def test_cuda_graph_replays_draw_fresh_dropout_while_training(char_dataset, pdrop):
+    """At a non-zero rate, each replay from the same state (params and AdamW moments put back in place):
+    with dropout the loss and the update differ every time (fresh masks); without, they are identical."""
     cuda = torch.device('cuda')
     utils.set_seed(0)
     m = model.GPT(small_config(False, block_size=128, n_embd=64, n_head=4, n_layer=2, vocab_size=256,
-                               pdrop=0.1)).to(cuda)
-    opt = optim.make_optimizer(m, trainer.TrainerConfig(learning_rate=0.0), cuda)
+                               pdrop=pdrop)).to(cuda)
+    opt = optim.make_optimizer(m, trainer.TrainerConfig(learning_rate=6e-3), cuda)
     gpu_path.use_tensor_lr(opt, cuda, capturable=True)
-    step = gpu_path.FixedShapeStep(m, m, opt, 1.0, torch.bfloat16, 16, 127, cuda, graph=True)
-    x, y = (t.to(cuda) for t in gpu_path.DeviceEpochs(char_dataset, cuda).epoch(torch.arange(16),
-                                                                                 torch.Generator().manual_seed(0)))
-    losses = [float(step(x, y)) for _ in range(gpu_path.GRAPH_WARMUP_STEPS + 3)]
+    step = gpu_path.FixedShapeStep(m, m, opt, 1.0, None, 16, 127, cuda, graph=True)
+    x, y = gpu_path.DeviceEpochs(char_dataset, cuda).epoch(torch.arange(16), torch.Generator().manual_seed(0))
+    for _ in range(gpu_path.GRAPH_WARMUP_STEPS):
+        step(x, y)
+    params = [p.detach().clone() for p in m.parameters()]
+    moments = [{k: v.clone() for k, v in opt.state[p].items()} for p in m.parameters()]
+    losses, updates = [], []
+    for _ in range(3):
+        with torch.no_grad():
+            for p, saved, state in zip(m.parameters(), params, moments):
+                p.copy_(saved)
+                for k, v in state.items():
+                    opt.state[p][k].copy_(v)
+        losses.append(float(step(x, y)))
+        updates.append(torch.cat([(p.detach() - saved).flatten() for p, saved in zip(m.parameters(), params)]))
     assert step.graph is not None
-    assert len(set(losses[-3:])) == 3, losses   # lr 0: only dropout changes the loss
+    assert all(float(u.abs().max()) > 1e-4 for u in updates)   # every replay trains
+    if pdrop:
+        assert len(set(losses)) == 3, losses
+        assert not torch.equal(updates[0], updates[1]) and not torch.equal(updates[1], updates[2])
+    else:
+        assert len(set(losses)) == 1, losses
+        assert torch.equal(updates[0], updates[1]) and torch.equal(updates[1], updates[2])
 
 
 def test_run_py_accepts_the_gpu_path_flags(tmp_path):
