@@ -74,30 +74,44 @@ def percent(x):
     return f'{100 * x:.1f}%'
 
 
-def group_row(label, scores, seeds=None):
-    """One table row for a group's per-seed score lists."""
+COLUMNS = ['seeds', 'dev accuracy per seed', 'mean', 'range', 'pooled', 'Wilson 95% interval (pooled)']
+
+
+def cells(scores):
+    """The COLUMNS of a group's per-seed score lists, as text."""
     accuracies = [sum(s) / len(s) for s in scores]
     mean, low, high = mean_and_range(accuracies)
     correct, total = sum(map(sum, scores)), sum(map(len, scores))
     lo, hi = wilson(correct, total)
-    cells = [label, seeds or str(len(scores)), ', '.join(map(percent, accuracies)), percent(mean),
-             f'{percent(low)} – {percent(high)}' if len(scores) > 1 else '—',
-             f'{percent(correct / total)} ({correct}/{total})', f'{percent(lo)} – {percent(hi)}']
-    return '| ' + ' | '.join(cells) + ' |'
+    return [str(len(scores)), ', '.join(map(percent, accuracies)), percent(mean),
+            f'{percent(low)} – {percent(high)}' if len(scores) > 1 else '—',
+            f'{percent(correct / total)} ({correct}/{total})', f'{percent(lo)} – {percent(hi)}']
+
+
+def london(gold):
+    """The COLUMNS of always answering "London" (no seeds)."""
+    return ['—'] + cells([[g == 'London' for g in gold]])[1:]
+
+
+def markdown(header, rows):
+    """A markdown table, as lines."""
+    return ['| ' + ' | '.join(header) + ' |', '|---' * len(header) + '|'] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+
+
+def paired_table(groups):
+    """The paired test between every two of {label: [per-seed score lists]}, as markdown lines."""
+    rows = []
+    for (a, sa), (b, sb) in itertools.combinations(groups.items(), 2):
+        wins, losses, p = paired(sa, sb)
+        rows.append([f'A = {a}, B = {b}', str(wins), str(losses), f'{p:.2g}'])
+    return markdown(['paired test (same questions)', 'A better', 'B better', 'exact sign test, two-sided p'], rows)
 
 
 def table(groups, gold):
     """The markdown table and the paired tests for {label: [per-seed score lists]}, as lines."""
-    lines = ['| run | seeds | dev accuracy per seed | mean | range | pooled | Wilson 95% interval (pooled) |',
-             '|---|---|---|---|---|---|---|']
-    lines += [group_row(label, scores) for label, scores in groups.items()]
-    lines.append(group_row('London baseline (always "London")', [[g == 'London' for g in gold]], seeds='—'))
-    lines += ['', '| paired test (same questions) | A better | B better | exact sign test, two-sided p |',
-              '|---|---|---|---|']
-    for (a, sa), (b, sb) in itertools.combinations(groups.items(), 2):
-        wins, losses, p = paired(sa, sb)
-        lines.append(f'| A = {a}, B = {b} | {wins} | {losses} | {p:.2g} |')
-    return lines
+    rows = [[label] + cells(scores) for label, scores in groups.items()]
+    rows.append(['London baseline (always "London")'] + london(gold))
+    return markdown(['run'] + COLUMNS, rows) + [''] + paired_table(groups)
 
 
 def main(argv=None):
