@@ -1,5 +1,7 @@
 """Compare variants from their dev predictions: mean and range over seeds, a 95% interval, a paired test.
 
+The table of `pipeline.py --variants ... --seeds ...` (write_results), and the same from any predictions:
+
     python compare.py --group vanilla docs/laptop_predictions/vanilla.seed*.dev.predictions \
         --group synthesizer docs/laptop_predictions/synthesizer.seed*.dev.predictions
 
@@ -26,6 +28,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, 'src'))
+import report  # noqa: E402
 import utils  # noqa: E402
 
 Z95 = statistics.NormalDist().inv_cdf(0.975)  # 1.95996...
@@ -112,6 +115,68 @@ def table(groups, gold):
     rows = [[label] + cells(scores) for label, scores in groups.items()]
     rows.append(['London baseline (always "London")'] + london(gold))
     return markdown(['run'] + COLUMNS, rows) + [''] + paired_table(groups)
+
+
+# ---- the results of pipeline.py --variants/--seeds ------------------------------------------------------------
+
+# Each variant's bar in the handout of the year that set it.
+EXPECTS = {'vanilla': 'at least 10% dev (2021)', 'synthesizer': 'at least 5% test (2021)',
+           'perceiver': 'at least 6% dev (2023)', 'rope': 'at least 30% test (2024)'}
+NOTE = ("Mean and range: over the seeds' dev accuracies. Interval: the Wilson score 95% interval on the pooled "
+        "count (every seed's questions together, taken as independent draws). Paired test: per question, the "
+        "fraction of each run's seeds that answered it right; a question counts for the run with the higher "
+        "fraction; the exact two-sided sign test on those counts (with one seed each, the exact McNemar test). "
+        "Wall time per step: each run's median time between consecutive optimizer steps in its metrics file, "
+        "then the median over seeds (runs that shared the machine share its time).")
+
+
+def per_seed(out, seeds, name):
+    """OUT/seedN/NAME for each seed."""
+    return [os.path.join(out, f'seed{seed}', name) for seed in seeds]
+
+
+def step_times(out, seeds, stages):
+    """'pretrain 12.3 ms, finetune 4.5 ms': for each (stage, params file name), the median over seeds."""
+    times = []
+    for stage, params in stages:
+        medians = [report.step_time(report.read_metrics(path + '.metrics.jsonl'))
+                   for path in per_seed(out, seeds, params)]
+        medians = [ms for ms in medians if ms is not None]
+        if medians:
+            times.append(f'{stage} {statistics.median(medians):.1f} ms')
+    return ', '.join(times) or '—'
+
+
+def comparison(out, variants, seeds):
+    """The table and the paired tests of a pipeline.py --variants/--seeds run in OUT, as markdown lines."""
+    gold = utils.read_gold_places(os.path.join(ROOT, report.DEV))
+    runs = [(v, f'{v}, pretrain + finetune', f'{v}.pretrain',
+             [('pretrain', f'{v}.pretrain.params'), ('finetune', f'{v}.finetune.params')], EXPECTS.get(v, '—'))
+            for v in variants]
+    runs.append(('no pretraining', 'vanilla, no pretraining', 'vanilla.nopretrain',
+                 [('finetune', 'vanilla.model.params')], 'well below 10% dev'))
+    groups, rows = {}, []
+    for key, label, prefix, stages, expects in runs:
+        groups[key] = [score(path, gold) for path in per_seed(out, seeds, prefix + '.dev.predictions')]
+        tests = {len(report.read_predictions(path)) for path in per_seed(out, seeds, prefix + '.test.predictions')}
+        rows.append([label] + cells(groups[key]) + [', '.join(map(str, sorted(tests))),
+                                                    step_times(out, seeds, stages), expects])
+    rows.append(['London baseline (always "London")'] + london(gold) + ['—', '—', '—'])
+    header = ['run'] + COLUMNS + ['test predictions', 'wall time per step', "the year's expectation"]
+    return markdown(header, rows) + [''] + paired_table(groups)
+
+
+def write_results(path, out, variants, seeds, recipe, jobs, runner, pipeline_command):
+    """OUT/results.md of a comparison: the table, the paired tests, how they are computed, every command."""
+    table_lines = comparison(out, variants, seeds)
+    title = f'Comparison: {recipe} recipe, seeds {", ".join(map(str, seeds))}'
+    lines = (report.header(title, jobs, pipeline_command) + table_lines
+             + ['', NOTE, '', 'Pretraining loss curves (mean over seeds, band from lowest to highest): '
+                'pretrain_loss.png. Attention weights of each variant (seed ' + str(seeds[0]) + '): attention.png.',
+                ''] + report.commands(runner))
+    with utils.atomic_write(path) as temporary, open(temporary, 'w', encoding='utf-8') as f:
+        f.write('\n'.join(lines))
+    return table_lines
 
 
 def main(argv=None):

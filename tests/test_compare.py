@@ -101,3 +101,19 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(args, message):
     assert result.returncode != 0 and result.stdout == ''
     assert result.stderr.count('\n') == 1 and 'Traceback' not in result.stderr
     assert result.stderr.startswith('compare.py: error: ') and message in result.stderr
+
+
+def test_the_pipeline_comparison_table_from_the_gpu_runs_laid_out_as_pipeline_writes_them(tmp_path):
+    import shutil
+    for seed in (0, 1):
+        shutil.copytree(os.path.join(GPU, f'seed{seed}'), tmp_path / f'seed{seed}')
+    lines = compare.comparison(str(tmp_path), ['vanilla', 'synthesizer'], [0, 1])
+    # no metrics files were committed: no step times
+    assert ('| vanilla, pretrain + finetune | 2 | 24.6%, 22.0% | 23.3% | 22.0% – 24.6% | 23.3% (233/1000) '
+            '| 20.8% – 26.0% | 437 | — | at least 10% dev (2021) |') in lines
+    assert ('| synthesizer, pretrain + finetune | 2 | 11.4%, 12.6% | 12.0% | 11.4% – 12.6% | 12.0% (120/1000) '
+            '| 10.1% – 14.2% | 437 | — | at least 5% test (2021) |') in lines
+    assert ('| vanilla, no pretraining | 2 | 2.2%, 0.8% | 1.5% | 0.8% – 2.2% | 1.5% (15/1000) | 0.9% – 2.5% '
+            '| 437 | — | well below 10% dev |') in lines
+    assert '| A = vanilla, B = synthesizer | 130 | 47 | 3.4e-10 |' in lines
+    assert len([line for line in lines if line.startswith('| A = ')]) == 3
