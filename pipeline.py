@@ -1,6 +1,7 @@
 """The whole experiment: London baseline, the three model sequences, dev and test predictions.
 
     python pipeline.py [--recipe faithful|laptop] [--outdir DIR] [--jobs N] [-- extra run.py flags]
+    python pipeline.py --variants vanilla,synthesizer --seeds 0,1,2 [--recipe ...] [--jobs N] [-- ...]
 
 Runs the assignment's command sequences through src/run.py:
   0. the London baseline;
@@ -25,6 +26,16 @@ The recipe defaults to 'faithful' (the original settings) on a machine with a
 CUDA GPU and to 'laptop' otherwise; the faithful outputs go to the repo root
 under the assignment's file names, the laptop ones to laptop/.
 
+A comparison (--variants and/or --seeds; defaults vanilla,synthesizer and 0)
+runs, for each seed, the no-pretraining sequence and each variant's, every
+step with --seed N, in OUTDIR/seedN/ (OUTDIR defaults to comparison/ under
+the recipe's folder), and the London baseline once. Its results.md has one
+row per variant: mean and range of dev accuracy over seeds, a Wilson 95%
+interval on the pooled count, step time and the year's expectation, then a
+paired test between every two rows (compare.py). pretrain_loss.png draws
+each variant's mean over seeds in a band; attention.png every layer and head
+of each variant's first seed on a dev question (attention_map.py).
+
 This file says what runs (the sequences) and holds the command line;
 src/scheduler.py runs them, src/report.py writes the results.
 """
@@ -32,12 +43,15 @@ import argparse
 import os
 import shlex
 import signal
+import subprocess
 import sys
 
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, 'src'))
+import compare  # noqa: E402
+import recipes  # noqa: E402
 import report  # noqa: E402
 from scheduler import Runner, Sequence, Step  # noqa: E402
 
@@ -79,10 +93,27 @@ def pretrain_and_finetune(out, variant):
         *evaluations(out, variant, variant, finetuned, f'{variant}.pretrain')])
 
 
+def london(out):
+    return Sequence('london', os.path.join(out, 'logs', 'london.log'), [Step('London baseline', 'dev', None, None)])
+
+
 def sequences(out):
     """The independent sequences, in the order a single job runs them."""
-    london = Sequence('london', os.path.join(out, 'logs', 'london.log'), [Step('London baseline', 'dev', None, None)])
-    return [london, no_pretraining(out)] + [pretrain_and_finetune(out, variant) for variant in VARIANTS]
+    return [london(out), no_pretraining(out)] + [pretrain_and_finetune(out, variant) for variant in VARIANTS]
+
+
+def comparison(out, variants, seeds):
+    """London once; then for each seed, in OUT/seedN with --seed N on every step, no pretraining and each variant."""
+    seqs = [london(out)]
+    for seed in seeds:
+        folder = os.path.join(out, f'seed{seed}')
+        for seq in [no_pretraining(folder)] + [pretrain_and_finetune(folder, variant) for variant in variants]:
+            seq.key += f'/seed{seed}'
+            for step in seq.steps:
+                step.name += f' (seed {seed})'
+                step.args += ['--seed', str(seed)]
+            seqs.append(seq)
+    return seqs
 
 
 def steps(out):
@@ -107,6 +138,29 @@ def positive_int(text):
     return value
 
 
+def variant_list(text):
+    """'vanilla,synthesizer' -> ['vanilla', 'synthesizer'], each one a variant src/run.py accepts, none twice."""
+    names = text.split(',')
+    for name in names:
+        if name not in recipes.VARIANTS:
+            raise argparse.ArgumentTypeError(f'{name!r} is not a variant src/run.py accepts '
+                                             f'({", ".join(recipes.VARIANTS)})')
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f'{text!r} names a variant twice')
+    return names
+
+
+def seed_list(text):
+    """'0,1,2' -> [0, 1, 2]: whole numbers from 0, none twice."""
+    try:
+        seeds = [int(part) for part in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of whole numbers')
+    if min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f'{text!r}: seeds are whole numbers from 0, each once')
+    return seeds
+
+
 def cores():
     try:
         return len(os.sched_getaffinity(0))
@@ -124,10 +178,13 @@ def build_parser(has_gpu):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--recipe', choices=['faithful', 'laptop'], default='faithful' if has_gpu else 'laptop')
     parser.add_argument('--outdir', help="where params and predictions go (default: '.' for faithful, "
-                                         "'laptop' for laptop)")
+                                         "'laptop' for laptop; a comparison in comparison/ under it)")
     parser.add_argument('--jobs', type=positive_int,
-                        help='sequences run at once, each step in its own process (default: all four on a '
+                        help='sequences run at once, each step in its own process (default: up to four on a '
                              'machine with a CUDA GPU, 1 otherwise)')
+    parser.add_argument('--variants', type=variant_list,
+                        help='compare these variants, comma-separated (default for a comparison: vanilla,synthesizer)')
+    parser.add_argument('--seeds', type=seed_list, help='compare over these seeds, comma-separated (default: 0)')
     parser.add_argument('extra', nargs='*', help='further src/run.py flags for every step (after --)')
     return parser
 
@@ -136,11 +193,17 @@ def main():
     has_gpu = torch.cuda.is_available()
     args = build_parser(has_gpu).parse_args()
     pipeline_command = shlex.join([sys.executable, 'pipeline.py'] + sys.argv[1:])
+    comparing = args.variants is not None or args.seeds is not None
+    if comparing and any(flag == '--seed' or flag.startswith('--seed=') for flag in args.extra):
+        parser.error('--seed among the run.py flags: with --seeds or --variants each sequence gets its own')
+    variants, seeds = args.variants or list(VARIANTS), args.seeds or [0]
     out = args.outdir or ('.' if args.recipe == 'faithful' else 'laptop')
+    if comparing and not args.outdir:
+        out = os.path.join(out, 'comparison')
     os.chdir(ROOT)
     os.makedirs(out, exist_ok=True)
-    seqs = sequences(out)
-    jobs = min(args.jobs or (len(seqs) if has_gpu else 1), len(seqs))
+    seqs = comparison(out, variants, seeds) if comparing else sequences(out)
+    jobs = min(args.jobs or (4 if has_gpu else 1), len(seqs))
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     if jobs > 1 and 'OMP_NUM_THREADS' not in os.environ:  # DataLoader workers and intra-op threads share the cores
         env['OMP_NUM_THREADS'] = str(max(1, cores() // jobs))
@@ -161,6 +224,9 @@ def main():
         sys.exit('\n'.join(runner.failures))
 
     results = os.path.join(out, 'results.md')
+    if comparing:
+        finish_comparison(results, out, variants, seeds, args, jobs, runner, pipeline_command)
+        return
     if runner.ran == 0 and os.path.exists(results):
         rows = report.result_rows(out)
         print(f'\nEvery step was already done: {results} left as it was (delete it to write it again)')
@@ -172,6 +238,30 @@ def main():
     for (_, label, _, _), dev, *_ in rows[1:]:
         print(f'| {label} | {dev} |')
     report.plot_pretraining(out)
+
+
+def finish_comparison(results, out, variants, seeds, args, jobs, runner, pipeline_command):
+    """results.md (left as it was when every step was done), the table on stdout, the curves, the attention maps."""
+    if runner.ran == 0 and os.path.exists(results):
+        table = compare.comparison(out, variants, seeds)
+        print(f'\nEvery step was already done: {results} left as it was (delete it to write it again)')
+    else:
+        table = compare.write_results(results, out, variants, seeds, args.recipe, jobs, runner, pipeline_command)
+        print(f'\nResults written to {results}')
+    print('\n' + '\n'.join(table))
+    curves = [path for variant in variants
+              for path in compare.per_seed(out, seeds, f'{variant}.pretrain.params.metrics.jsonl')]
+    report.plot(curves, os.path.join(out, 'pretrain_loss.png'))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return  # report.plot said how to get it
+    params = [arg for variant in variants
+              for arg in ('--model', variant, compare.per_seed(out, seeds[:1], f'{variant}.finetune.params')[0])]
+    picture = subprocess.run([sys.executable, 'attention_map.py', *params, '--dev', '1',
+                              '--output', os.path.join(out, 'attention.png'), '--', '--recipe', args.recipe,
+                              *args.extra], capture_output=True, text=True)
+    print((picture.stdout or picture.stderr).strip())
 
 
 if __name__ == '__main__':

@@ -2,10 +2,15 @@
 
     python plot_metrics.py vanilla.pretrain.params.metrics.jsonl synthesizer.pretrain.params.metrics.jsonl \
         --output pretrain_loss.png [--x step|epoch|wall_s|tokens]
+    python plot_metrics.py out/seed*/vanilla.pretrain.params.metrics.jsonl \
+        out/seed*/synthesizer.pretrain.params.metrics.jsonl --output pretrain_loss.png
 
 Each input is the JSONL metrics file that src/run.py writes beside the params
-(one line per optimizer step; lines without a loss are left out). Needs
-matplotlib (an optional dependency).
+(one line per optimizer step; lines without a loss are left out). Files of
+the same name in different folders (the seeds of one run, as pipeline.py
+--seeds writes them) are one curve: their mean, in a band from the lowest to
+the highest, over the steps they all have. Needs matplotlib (an optional
+dependency).
 """
 import argparse
 import json
@@ -31,6 +36,24 @@ def smooth(values, window):
     return out
 
 
+def grouped(paths):
+    """{label: [path, ...]}: files of the same name are the seeds of one run."""
+    groups = {}
+    for path in paths:
+        groups.setdefault(os.path.basename(path).replace('.params.metrics.jsonl', ''), []).append(path)
+    return groups
+
+
+def band(runs, x, window):
+    """(x, mean, lowest, highest) of the smoothed losses of several runs, at each step index they all reach."""
+    n = min(len(rows) for rows in runs)
+    xs = [[row[x] for row in rows[:n]] for rows in runs]
+    ys = [smooth([row['loss'] for row in rows[:n]], window) for rows in runs]
+    columns = list(zip(*ys))
+    return ([sum(c) / len(c) for c in zip(*xs)], [sum(c) / len(c) for c in columns],
+            [min(c) for c in columns], [max(c) for c in columns])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('metrics', nargs='+', help='metrics JSONL files')
@@ -50,11 +73,14 @@ def main(argv=None):
             sys.exit(f'no metrics file at {path}: train with src/run.py first (it writes PARAMS.metrics.jsonl)')
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    for path in args.metrics:
-        rows = read_metrics(path)
-        x = [r[args.x] / (60 if args.x == 'wall_s' else 1) for r in rows]
-        label = os.path.basename(path).replace('.params.metrics.jsonl', '')
-        ax.plot(x, smooth([r['loss'] for r in rows], max(1, args.smooth)), label=label)
+    for label, paths in grouped(args.metrics).items():
+        x, mean, low, high = band([read_metrics(p) for p in paths], args.x, max(1, args.smooth))
+        x = [v / (60 if args.x == 'wall_s' else 1) for v in x]
+        if len(paths) == 1:
+            ax.plot(x, mean, label=label)
+        else:
+            line, = ax.plot(x, mean, label=f'{label} (mean of {len(paths)} seeds, band: lowest to highest)')
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.25, linewidth=0)
     ax.set_xlabel({'wall_s': 'wall time (min)'}.get(args.x, args.x))
     ax.set_ylabel('loss (mean over non-pad targets)')
     ax.set_yscale('log')

@@ -37,6 +37,8 @@ def _append_to_cache(cache, name, t):
 class CausalSelfAttention(nn.Module):
     """Multi-head masked self-attention: softmax(Q K^T / sqrt(d/h)) V per head, then a projection."""
 
+    keep_weights = False  # True: take the reference path and keep its softmax (B, h, T, S) in self.weights
+
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
@@ -58,7 +60,7 @@ class CausalSelfAttention(nn.Module):
         k = _append_to_cache(cache, 'k', _split_heads(self.key(x), self.n_head))
         v = _append_to_cache(cache, 'v', _split_heads(self.value(x), self.n_head))
         S = k.size(2)
-        if self.fused:
+        if self.fused and not self.keep_weights:
             dropout_p = self.attn_drop.p if self.training else 0.0
             if past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -70,8 +72,10 @@ class CausalSelfAttention(nn.Module):
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             att = att.masked_fill(self.mask[:, :, past:S, :S] == 0, float('-inf'))
-            att = self.attn_drop(F.softmax(att, dim=-1))
-            y = att @ v
+            att = F.softmax(att, dim=-1)
+            if self.keep_weights:
+                self.weights = att.detach()
+            y = self.attn_drop(att) @ v
         return self.resid_drop(self.proj(_merge_heads(y)))
 
 
@@ -83,6 +87,8 @@ class SynthesizerAttention(nn.Module):
     `b2` its bias, one column / entry per key position, so a sequence can be at
     most block_size - 1 long.
     """
+
+    keep_weights = False  # True: take the reference path and keep its softmax (B, h, T, S) in self.weights
 
     def __init__(self, config):
         super().__init__()
@@ -111,7 +117,7 @@ class SynthesizerAttention(nn.Module):
         a = _split_heads(F.relu(self.w1(x)), self.n_head)                       # (B, h, T, hs)
         v = _append_to_cache(cache, 'v', _split_heads(self.value(x), self.n_head))  # (B, h, S, hs)
         visible = self.mask[:, :, past:S, :S] != 0
-        if self.fused:
+        if self.fused and not self.keep_weights:
             # The scores a @ w2 + b2 are "queries times keys" with keys = w2^T,
             # scale 1 and an additive mask holding b2 and the causal -inf.
             keys = self.w2[:, :S].t().to(a.dtype).expand(B, self.n_head, S, -1)
@@ -123,6 +129,8 @@ class SynthesizerAttention(nn.Module):
         else:
             att = a @ self.w2[:, :S] + self.b2[:S]
             att = att.masked_fill(~visible, float('-inf'))
-            att = self.attn_drop(F.softmax(att, dim=-1))
-            y = att @ v
+            att = F.softmax(att, dim=-1)
+            if self.keep_weights:
+                self.weights = att.detach()
+            y = self.attn_drop(att) @ v
         return self.resid_drop(self.proj(_merge_heads(y)))

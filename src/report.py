@@ -21,6 +21,11 @@ ROWS = [('london', 'London baseline (always "London")', '—', '5.0%'),
         ('synthesizer', 'synthesizer, pretrain + finetune', 'at least 5% (test)', '5% – 13% (dev)')]
 
 
+PER_STEP_NOTE = ('Pretraining loss at the end: the mean training loss over the steps of the last epoch in '
+                 'PARAMS.metrics.jsonl. Wall time per step: the median time between consecutive optimizer steps in '
+                 'the metrics files (data loading included; runs that shared the machine share its time).')
+
+
 # ---- results --------------------------------------------------------------------------------------------------
 
 def dev_score(predictions):
@@ -98,41 +103,46 @@ def result_rows(out):
     return rows
 
 
-def write_results(path, out, recipe, jobs, runner, pipeline_command):
-    rows = result_rows(out)
+def header(title, jobs, pipeline_command):
+    """The first lines of a results file: title, date, machine, versions and the pipeline's command."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    lines = [f'# Results: {recipe} recipe', '',
-             f'- date: {now:%Y-%m-%d %H:%M} UTC',
-             f'- machine: {machine()}',
-             f'- torch {torch.__version__}, Python {platform.python_version()}',
-             f'- pipeline: `{pipeline_command}` ({jobs} sequence{"s" if jobs > 1 else ""} at a time)', '',
-             '| run | dev accuracy | test predictions | pretraining loss at the end | wall time per step '
-             '| the assignment expects | public reports (dev) |',
-             '|---|---|---|---|---|---|---|']
-    for (_, label, expects, public), dev, n_test, loss, times in rows:
-        lines.append(f'| {label} | {dev} | {n_test} | {loss} | {times} | {expects} | {public} |')
-    lines += ['',
-              'Pretraining loss at the end: the mean training loss over the steps of the last epoch in '
-              'PARAMS.metrics.jsonl. Wall time per step: the median time between consecutive optimizer steps in '
-              'the metrics files (data loading included; runs that shared the machine share its time).', '',
-              '## Commands', '',
-              'Run from the repository root, grouped by sequence (with several jobs the sequences ran side by '
-              'side); a step whose output already existed was skipped and is shown commented out. Each log also '
-              'holds the commands of earlier, interrupted invocations.',
-              '', '```']
+    return [f'# {title}', '',
+            f'- date: {now:%Y-%m-%d %H:%M} UTC',
+            f'- machine: {machine()}',
+            f'- torch {torch.__version__}, Python {platform.python_version()}',
+            f'- pipeline: `{pipeline_command}` ({jobs} sequence{"s" if jobs > 1 else ""} at a time)', '']
+
+
+def commands(runner):
+    """The last lines of a results file: every command the runner ran or skipped, by sequence."""
+    lines = ['## Commands', '',
+             'Run from the repository root, grouped by sequence (with several jobs the sequences ran side by '
+             'side); a step whose output already existed was skipped and is shown commented out. Each log also '
+             'holds the commands of earlier, interrupted invocations.',
+             '', '```']
     for key in runner.order:
         lines.append(f'# {key} (log: {runner.logs[key]})')
         for _, command, step, skipped in (c for c in runner.commands if c[0] == key):
             lines.append(f'# skipped ({step.output} existed): {command}' if skipped else command)
-    lines += ['```', '']
+    return lines + ['```', '']
+
+
+def write_results(path, out, recipe, jobs, runner, pipeline_command):
+    rows = result_rows(out)
+    lines = header(f'Results: {recipe} recipe', jobs, pipeline_command) + [
+        '| run | dev accuracy | test predictions | pretraining loss at the end | wall time per step '
+        '| the assignment expects | public reports (dev) |',
+        '|---|---|---|---|---|---|---|']
+    for (_, label, expects, public), dev, n_test, loss, times in rows:
+        lines.append(f'| {label} | {dev} | {n_test} | {loss} | {times} | {expects} | {public} |')
+    lines += ['', PER_STEP_NOTE, ''] + commands(runner)
     with utils.atomic_write(path) as temporary, open(temporary, 'w', encoding='utf-8') as f:
         f.write('\n'.join(lines))
     return rows
 
 
-def plot_pretraining(out):
-    """Draw both variants' pretraining loss to OUT/pretrain_loss.png when matplotlib is installed."""
-    metrics = [os.path.join(out, f'{variant}.pretrain.params.metrics.jsonl') for variant in ('vanilla', 'synthesizer')]
+def plot(metrics, output):
+    """Draw the loss curves of these metrics files to `output` with plot_metrics.py, when matplotlib is installed."""
     metrics = [path for path in metrics if os.path.exists(path)]
     if not metrics:
         return
@@ -140,6 +150,12 @@ def plot_pretraining(out):
         import matplotlib  # noqa: F401
     except ImportError:
         print('\nFor loss curves: pip install matplotlib, then python plot_metrics.py ' + ' '.join(metrics)
-              + f' --output {os.path.join(out, "pretrain_loss.png")}')
+              + f' --output {output}')
         return
-    subprocess.run([sys.executable, 'plot_metrics.py', *metrics, '--output', os.path.join(out, 'pretrain_loss.png')])
+    subprocess.run([sys.executable, 'plot_metrics.py', *metrics, '--output', output])
+
+
+def plot_pretraining(out):
+    """Draw both variants' pretraining loss to OUT/pretrain_loss.png when matplotlib is installed."""
+    plot([os.path.join(out, f'{variant}.pretrain.params.metrics.jsonl') for variant in ('vanilla', 'synthesizer')],
+         os.path.join(out, 'pretrain_loss.png'))
