@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, 'src'))
 import checks  # noqa: E402
 import dataset  # noqa: E402
+import evaluation  # noqa: E402
 import run  # noqa: E402
 
 DEV = os.path.join(ROOT, 'birth_dev.tsv')
@@ -44,7 +45,7 @@ def load(variant, params, corpus, flags):
 def attention_weights(gpt, pretrain_dataset, question):
     """(the characters read, [(module name, weights (heads, T, T))]) for the question and the model's answer."""
     mask = pretrain_dataset.MASK_CHAR
-    answer = run.predict(gpt, pretrain_dataset, [question], 'cpu', show_progress=False)[0]
+    answer = evaluation.predict(gpt, pretrain_dataset, [question], 'cpu', show_progress=False)[0]
     text = (question + mask + answer + mask)[:gpt.get_block_size() - 1]
     modules = [(name, m) for name, m in gpt.named_modules() if hasattr(m, 'keep_weights')]
     for _, m in modules:

@@ -191,7 +191,8 @@ def build_parser(has_gpu):
 
 def main():
     has_gpu = torch.cuda.is_available()
-    args = build_parser(has_gpu).parse_args()
+    parser = build_parser(has_gpu)
+    args = parser.parse_args()
     pipeline_command = shlex.join([sys.executable, 'pipeline.py'] + sys.argv[1:])
     comparing = args.variants is not None or args.seeds is not None
     if comparing and any(flag == '--seed' or flag.startswith('--seed=') for flag in args.extra):
