@@ -25,7 +25,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 sys.path.insert(0, os.path.join(ROOT, 'src'))
 import dataset  # noqa: E402
 import model  # noqa: E402
-import run  # noqa: E402
+import recipes  # noqa: E402
 import trainer  # noqa: E402
 import utils  # noqa: E402
 
@@ -40,11 +40,11 @@ CONFIGS = {
 
 def time_config(corpus, variant, settings, epochs, device, compile_model):
     utils.set_seed(0)
-    recipe = run.faithful_recipe(len(corpus), torch.device('cuda'))  # the GPU recipe, also when smoke-testing
-    config = model.GPTConfig(corpus.vocab_size, run.BLOCK_SIZE, synthesizer=variant == 'synthesizer',
-                             **recipe['model'])
+    # the GPU recipe, also when smoke-testing
+    model_settings, pretrain = recipes.settings('faithful', variant, 'pretrain', len(corpus), torch.device('cuda'))
+    config = model.GPTConfig(corpus.vocab_size, recipes.BLOCK_SIZE, **recipes.VARIANTS[variant], **model_settings)
     gpt = model.GPT(config)
-    train_settings = dict(recipe['pretrain'], precision='auto', **settings)
+    train_settings = dict(pretrain, precision='auto', **settings)
     if device.type != 'cuda':
         train_settings['num_workers'] = min(train_settings['num_workers'], 2)
     cfg = trainer.TrainerConfig(show_progress=False, compile=compile_model,
@@ -81,7 +81,7 @@ def main():
     with open(os.path.join(ROOT, 'wiki.txt'), encoding='utf-8') as f:
         lines = f.read().split('\n')[:-1]
     n = args.documents or (len(lines) if device.type == 'cuda' else 128)
-    corpus = dataset.CharCorruptionDataset('\n'.join(lines[:n]) + '\n', run.BLOCK_SIZE)
+    corpus = dataset.CharCorruptionDataset('\n'.join(lines[:n]) + '\n', recipes.BLOCK_SIZE)
     where = (torch.cuda.get_device_name() if device.type == 'cuda'
              else f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads')
     print(f'# faithful pretraining steps, {args.variant}, batch 128, {n} documents, {args.epochs} timed epochs; '
@@ -94,7 +94,7 @@ def main():
         compile_model = name.endswith('--compile')
         seconds, steps = time_config(corpus, args.variant, settings, args.epochs, device, compile_model)
         reference = reference or seconds
-        tokens = 128 * (run.BLOCK_SIZE - 1) / seconds
+        tokens = 128 * (recipes.BLOCK_SIZE - 1) / seconds
         full_run = seconds * 650 * -(-2937 // 128)
         print(f'{name:50s} {seconds * 1000:8.2f} ms/step {tokens:11.0f} tokens/s {reference / seconds:6.2f}x'
               f'   650 epochs: {full_run / 60:6.1f} min  ({steps} steps)', flush=True)

@@ -169,6 +169,20 @@ def check_belongs(checkpoint, info):
     return [f'{k} {old.get(k)} -> {new.get(k)}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def save_of_every_rank(path, model, optimizer, state, info):
+    """`save` for a run of one or several processes: rank 0 writes, with every rank's random states.
+
+    Every process calls it at the same step; none returns (and could have
+    torchrun stop the others) before the checkpoint is written.
+    """
+    rank_states = None
+    if distributed.active():
+        rank_states = distributed.gather({'rng': rng_state(), 'epoch_start_rng': state.epoch_start_rng})
+    if distributed.is_main():
+        save(path, model, optimizer, state, info, rank_states=rank_states)
+    distributed.barrier()
+
+
 def open_metrics(path, resumed_step=None):
     """The metrics file, opened line-buffered: rewritten for a fresh run.
 

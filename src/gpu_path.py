@@ -230,33 +230,26 @@ class FixedShapeStep:
             self.body()
         return self.loss.clone()
 
+    def count(self, pieces, batch_tokens):
+        """The tokens the schedule counts (trainer.EagerStep.count): one process, so the batch's own."""
+        return batch_tokens
+
+    def run(self, pieces):
+        """The trainer's call: the batch as its one piece."""
+        (x, y), = pieces
+        return self(x, y)
+
+    @staticmethod
+    def resolve(losses):
+        """The losses of steps gone by as floats, in one host sync (metrics.MetricsLog.flush)."""
+        return torch.stack(losses).tolist()
+
     def capture(self):
         """Record one step: the gradients are allocated inside the graph, so each replay writes them afresh."""
         self.model.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.body()
-
-
-class DeferredMetrics:
-    """Metrics records whose loss is a device tensor, held until `flush` writes them with one host sync."""
-
-    def __init__(self):
-        self.records = []
-
-    def add(self, record):
-        self.records.append(record)
-
-    def flush(self, write):
-        """write(record) for each held record, its loss now a float; returns the last record (None if none)."""
-        if not self.records:
-            return None
-        losses = torch.stack([r['loss'] for r in self.records]).tolist()
-        records = [dict(record, loss=loss) for record, loss in zip(self.records, losses)]
-        self.records = []
-        for record in records:
-            write(record)
-        return records[-1]
 
 
 def check_choices(data_path, train_step):

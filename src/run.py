@@ -6,7 +6,7 @@
     python src/run.py evaluate  vanilla wiki.txt --reading_params_path vanilla.finetune.params \
         --eval_corpus_path birth_dev.tsv --outputs_path vanilla.pretrain.dev.predictions
 
-The hyperparameters of every run live in RECIPES below; `--recipe laptop`
+The hyperparameters of every run live in src/recipes.py; `--recipe laptop`
 picks a CPU-sized one, and the override flags change single settings.
 
 Every input is checked (src/checks.py) before anything is trained or written:
@@ -36,64 +36,13 @@ import dataset  # noqa: E402
 import gpu_path  # noqa: E402
 import distributed  # noqa: E402
 import model  # noqa: E402
+import optim  # noqa: E402
+import recipes  # noqa: E402
 import trainer  # noqa: E402
 import utils  # noqa: E402
 
-BLOCK_SIZE = 128
+BLOCK_SIZE = recipes.BLOCK_SIZE
 EVAL_STEPS = 32  # characters greedily decoded per question
-
-
-def faithful_recipe(n_documents, device, max_epochs=None, variant='vanilla'):
-    """The original assignment's settings, the same for both variants (its cosine is fixed in tokens:
-    max_epochs leaves it alone).
-
-    How batches are run depends on the device and leaves the math as it is:
-    on a CPU, no DataLoader workers (building a batch costs under 0.1% of a
-    step and workers only compete for the cores, bench/data_loader.py) and
-    each batch split into 4 length-sorted trimmed chunks (2.3x the reference
-    step, bench/train_step.py); on a GPU the original's 4 workers, whole batches.
-    """
-    final_tokens = 200 * n_documents * BLOCK_SIZE
-    on_gpu = device.type == 'cuda'
-    schedule = dict(lr_decay=True, warmup_tokens=512 * 20, final_tokens=final_tokens,
-                    num_workers=4 if on_gpu else 0, chunks=1 if on_gpu else 4)
-    return {
-        'model': dict(n_layer=4, n_head=8, n_embd=256),
-        'pretrain': dict(max_epochs=650, batch_size=128, learning_rate=6e-3, **schedule),
-        'finetune_scratch': dict(max_epochs=75, batch_size=256, learning_rate=6e-4, **schedule),
-        'finetune_pretrained': dict(max_epochs=10, batch_size=256, learning_rate=6e-4, **schedule),
-    }
-
-
-LAPTOP_PRETRAIN_EPOCHS = {'vanilla': 230, 'synthesizer': 320}  # the laptop recipe's pretraining, by variant
-
-
-def laptop_recipe(n_documents, device, max_epochs=None, variant='vanilla'):
-    """A recipe sized for a 2-core CPU (EXPERIMENTS.md has the runs behind it).
-
-    A narrower, dropout-free model (width 128, 4 heads), pretrained for 230
-    epochs (vanilla) or 320 (the synthesizer, which learns more slowly per
-    step: at 230 it scored 3.8-4.4% dev, at 320 4.6-6.4%). The cosine's
-    final_tokens is the run's length, --max_epochs (given here as
-    `max_epochs`) included; like the original's, the cosine stops falling at
-    10% of the peak rate, 80% of the way through. A warmup over 100 batches
-    starts at the first step: a first step at the full rate, as the original
-    takes it, holds this model's loss 0.1-0.3 higher over its first 1,000
-    steps. Weight decay stays the faithful 0.1. Batches of 128 run as 4
-    length-sorted trimmed chunks on a CPU, as in the faithful recipe.
-    """
-    recipe = faithful_recipe(n_documents, device)
-    recipe['model'] = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    epochs = LAPTOP_PRETRAIN_EPOCHS[variant] if max_epochs is None else max_epochs
-    recipe['pretrain'].update(max_epochs=epochs, warmup_tokens=100 * 128 * (BLOCK_SIZE - 1),
-                              first_step_lr='scheduled', final_tokens=epochs * n_documents * (BLOCK_SIZE - 1),
-                              precision='auto')
-    for key in ('finetune_scratch', 'finetune_pretrained'):
-        recipe[key].update(precision='auto')
-    return recipe
-
-
-RECIPES = {'faithful': faithful_recipe, 'laptop': laptop_recipe}
 
 # Command-line overrides: flag -> (where it goes, add_argument keywords).
 OVERRIDES = {
@@ -109,7 +58,7 @@ OVERRIDES = {
     'batching': ('train', dict(choices=batching.BATCHINGS,
                                help="'random' (the original) or 'stratified': each batch made of CHUNKS pieces "
                                     "of similar length, dealt from the whole epoch sorted by length")),
-    'weight_decay_on': ('train', dict(choices=trainer.WEIGHT_DECAY_ON,
+    'weight_decay_on': ('train', dict(choices=optim.WEIGHT_DECAY_ON,
                                       help="'all' (the original: every parameter but biases) or 'matrices' "
                                            "(Linear weights and the Synthesizer's w2 only)")),
     'first_step_lr': ('train', dict(choices=trainer.FIRST_STEP_LRS,
@@ -141,7 +90,7 @@ def build_parser():
     parser = ArgumentParser(prog='run.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('function', choices=['pretrain', 'finetune', 'evaluate'],
                         help='whether to pretrain, finetune or evaluate a model')
-    parser.add_argument('variant', choices=['vanilla', 'synthesizer'], help='which attention to use')
+    parser.add_argument('variant', choices=list(recipes.VARIANTS), help='which attention to use')
     parser.add_argument('pretrain_corpus_path', help='pretraining text; it also defines the vocabulary')
     parser.add_argument('--reading_params_path', help='params file to load first')
     parser.add_argument('--writing_params_path', help='where to save the trained params')
@@ -149,7 +98,7 @@ def build_parser():
     parser.add_argument('--eval_corpus_path', help='TSV of questions (and places) to evaluate on')
     parser.add_argument('--outputs_path', help='where to write one prediction per line')
     extra = parser.add_argument_group('recipe and overrides (defaults: the original settings)')
-    extra.add_argument('--recipe', choices=sorted(RECIPES), default='faithful',
+    extra.add_argument('--recipe', choices=sorted(recipes.RECIPES), default='faithful',
                        help="hyperparameter set: 'faithful' (the original) or 'laptop' (sized for a CPU)")
     for name, (_, keywords) in OVERRIDES.items():
         extra.add_argument('--' + name, **keywords)
@@ -183,14 +132,12 @@ def parse_args(argv):
 
 def settings_for(args, n_documents, device):
     """(model settings, trainer settings) of this run: the recipe, then the overrides."""
-    recipe = RECIPES[args.recipe](n_documents, device, args.max_epochs, args.variant)
-    model_settings = dict(recipe['model'])
     if args.function == 'pretrain':
-        train_settings = dict(recipe['pretrain'])
-    elif args.reading_params_path:
-        train_settings = dict(recipe['finetune_pretrained'])
+        stage = 'pretrain'
     else:
-        train_settings = dict(recipe['finetune_scratch'])
+        stage = 'finetune_pretrained' if args.reading_params_path else 'finetune_scratch'
+    model_settings, train_settings = recipes.settings(args.recipe, args.variant, stage, n_documents, device,
+                                                      args.max_epochs)
     for name, (where, _) in OVERRIDES.items():
         value = getattr(args, name)
         if value is None:
@@ -221,7 +168,7 @@ def input_paths(args):
 def build_model(args, vocab_size, model_settings, device):
     """The GPT of this run, with the --reading_params_path params (checked to fit) when given."""
     checks.check_model_size(model_settings, vocab_size, BLOCK_SIZE, training=args.function != 'evaluate')
-    config = model.GPTConfig(vocab_size, BLOCK_SIZE, synthesizer=args.variant == 'synthesizer', **model_settings)
+    config = model.GPTConfig(vocab_size, BLOCK_SIZE, **recipes.VARIANTS[args.variant], **model_settings)
     gpt = model.GPT(config)
     if args.reading_params_path:
         state = checks.load_tensors(args.reading_params_path, '--reading_params_path')

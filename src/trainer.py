@@ -1,17 +1,14 @@
-"""The training loop: AdamW, gradient clipping and the token-based warmup + cosine schedule.
+"""The training loop (minGPT's Trainer): epochs of batches, one optimizer step each, metrics, checkpoints.
 
-Batches come from batching.py; the run's counters and random states live in
-one checkpoint.TrainingState, which a training checkpoint saves (with
-`checkpoint_path` set: every `checkpoint_minutes` and on Ctrl-C) and
-`resume` restores. Speed options keep the math: bf16 autocast, fused AdamW,
-torch.compile, trimmed pieces of each batch.
-
-Under torchrun with several processes (distributed.py) each process trains
-on its share of every batch, in DistributedDataParallel, and the counts that
-make the math that of one process (non-pad targets, schedule tokens, the
-reported loss) are summed over processes; rank 0 alone writes.
+The step is chosen once (steps.make_step): the default eager one, or
+gpu_path's fixed-shape one (optionally a CUDA graph). AdamW and its
+schedule are in optim.py; batches come from batching.py (or gpu_path.py);
+the run's counters and random states live in one checkpoint.TrainingState,
+which a training checkpoint saves (with `checkpoint_path` set: every
+`checkpoint_minutes` and on Ctrl-C) and `resume` restores. Under torchrun
+(distributed.py) each process trains on its share of every batch, the step
+makes the math that of one process, and rank 0 alone writes.
 """
-import json
 import math
 import time
 from collections import defaultdict
@@ -22,21 +19,24 @@ from tqdm import tqdm
 
 import batching
 import checkpoint
-import gpu_path
 import distributed
+import gpu_path
+import metrics
+import optim
+import steps
 import utils
 
 PRECISIONS = ('fp32', 'bf16', 'auto', 'tf32')  # 'auto': bf16 on a GPU that supports it, else fp32; see autocast_dtype
-WEIGHT_DECAY_ON = ('all', 'matrices')   # see decays
-FIRST_STEP_LRS = ('full', 'scheduled')  # see Trainer.run_epoch
+FIRST_STEP_LRS = ('full', 'scheduled')  # see Trainer.train
 
 
 class TrainingDiverged(Exception):
-    """Raised by Trainer.train() at the first non-finite loss or gradient norm, before that step changes anything.
+    """Raised by Trainer.train() at the first non-finite loss or gradient norm (check_finite).
 
-    The model and optimizer keep the previous step's values, and no training
-    checkpoint is saved for the failed step, so the last one saved stays the
-    last good one.
+    The default step checks before it changes anything: the model and
+    optimizer keep the previous step's values, and no training checkpoint is
+    saved for the failed step, so the last one saved stays the last good one.
+    The fixed-shape step's loss is checked when its metrics are flushed.
     """
 
     def __init__(self, step, epoch, what, value, learning_rate):
@@ -64,8 +64,8 @@ class TrainerConfig:
     trim_padding = True    # drop trailing columns whose targets are all pad (exact: attention is causal)
     chunks = 1             # split each batch into this many length-sorted, trimmed pieces
     batching = 'random'    # one of batching.BATCHINGS
-    weight_decay_on = 'all'  # one of WEIGHT_DECAY_ON
-    first_step_lr = 'full'   # one of FIRST_STEP_LRS: 'full' is the original (see run_epoch)
+    weight_decay_on = 'all'  # one of optim.WEIGHT_DECAY_ON
+    first_step_lr = 'full'   # one of FIRST_STEP_LRS: 'full' is the original (see Trainer.train)
     fused_optimizer = 'auto'  # fused AdamW where the device supports it
     compile = False        # torch.compile the model
     data_path = 'loader'   # one of gpu_path.DATA_PATHS: 'device' builds each epoch on the device
@@ -79,18 +79,6 @@ class TrainerConfig:
     def __init__(self, **kwargs):
         for k, v in kwargs.items():
             setattr(self, k, v)
-
-
-def lr_multiplier(tokens, config):
-    """Linear warmup over warmup_tokens, then a cosine floored at 0.1.
-
-    progress is deliberately not clamped: past final_tokens the cosine rises
-    again, as in the original (the default recipes run past it).
-    """
-    if tokens < config.warmup_tokens:
-        return float(tokens) / float(max(1, config.warmup_tokens))
-    progress = float(tokens - config.warmup_tokens) / float(max(1, config.final_tokens - config.warmup_tokens))
-    return max(0.1, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def autocast_dtype(precision, device):
@@ -109,35 +97,32 @@ def autocast_dtype(precision, device):
     return None
 
 
-def decays(name, param, weight_decay_on):
-    """Whether AdamW's weight decay applies to this parameter.
+def check_finite(what, value, step, epoch, learning_rate):
+    """TrainingDiverged unless `value`, the loss or gradient norm of `step`, is a finite number."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(step, epoch, what, value, learning_rate)
 
-    'all' is the original grouping: every parameter except biases, so
-    LayerNorm gains and the embeddings shrink too. 'matrices' decays only the
-    weights that multiply activations (the Linear layers' and the
-    Synthesizer's w2), as in minGPT: no biases, LayerNorm parameters or
-    token and position embeddings.
+
+@torch.no_grad()
+def held_out_loss(trainer, dataset):
+    """Mean loss over `dataset`'s non-pad targets, the trainer's model in eval mode (no dropout).
+
+    Its DataLoader seeds itself from a generator of its own, so the
+    training run's random states are left as they were.
     """
-    utils.check_choice('weight_decay_on', weight_decay_on, WEIGHT_DECAY_ON)
-    if weight_decay_on == 'all':
-        return 'bias' not in name
-    return param.dim() == 2 and not name.startswith('tok_emb')
-
-
-def make_optimizer(model, config, device):
-    """AdamW, weight decay on the parameters that `decays` picks."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (decay if decays(name, param, config.weight_decay_on) else no_decay).append(param)
-    groups = [{'params': decay, 'weight_decay': config.weight_decay},
-              {'params': no_decay, 'weight_decay': 0.0}]
-    fused = config.fused_optimizer
-    if fused == 'auto':
-        fused = device.type in ('cuda', 'cpu')
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, fused=bool(fused))
+    trainer.model.eval()
+    loader = DataLoader(dataset, batch_size=trainer.config.batch_size, generator=torch.Generator())
+    total, count = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(trainer.device), y.to(trainer.device)
+        total += steps.loss_sum(trainer.forward, x, y, trainer.amp_dtype).item()
+        count += int((y != 0).sum())
+    trainer.model.train()
+    return total / max(1, count)
 
 
 class Trainer:
+    """minGPT's trainer: `train` runs the epochs; a checkpoint's run goes on after `resume`."""
 
     def __init__(self, model, train_dataset, test_dataset, config, device=None):
         self.model = model
@@ -156,10 +141,9 @@ class Trainer:
         self.data_generator.manual_seed(int(torch.randint(2 ** 62, (1,))))
         self.state = checkpoint.TrainingState(epoch_start_state=self.data_generator.get_state())
         self.saved_optimizer = None  # from resume(), until train() has loaded it
-        self.metrics = None  # the metrics file, open during train()
+        self.train_step = None     # make_step's, chosen by train()
+        self.log = None            # metrics.MetricsLog, open during train()
         self.device_epochs = None  # gpu_path.DeviceEpochs, with data_path 'device'
-        self.fixed_step = None     # gpu_path.FixedShapeStep, with train_step 'fixed' or 'graph'
-        self.deferred = None       # gpu_path.DeferredMetrics: the lines whose loss is still on the device
 
     def add_callback(self, onevent, callback):
         """Call callback(trainer) at `onevent`: 'on_batch_end' is after every optimizer step."""
@@ -181,63 +165,69 @@ class Trainer:
 
     def train(self):
         """Train for max_epochs (or max_steps), going on from where resume() left the run."""
-        config = self.config
-        resuming = self.prepare()  # optimizer, forward pass, metrics file and clocks
+        config, state = self.config, self.state
+        resuming = self.prepare()  # optimizer, training step, metrics log, clocks
+        # The original sets the learning rate after each step, so its first step runs at the
+        # full rate before warmup starts; 'scheduled' sets it before, counting this batch.
+        scheduled_first_step = config.lr_decay and config.first_step_lr == 'scheduled'
         try:
             with checkpoint.StopRequest(enabled=config.checkpoint_path is not None) as stop:
-                for epoch in range(self.state.epoch if resuming else 0, config.max_epochs):
+                for epoch in range(state.epoch if resuming else 0, config.max_epochs):
                     if self.max_steps_reached():
                         break
-                    # this epoch's batches: freshly shuffled, or the rest of the resumed one
-                    batches = self.epoch_batches(epoch, resuming)
+                    batches = self.epoch_batches(epoch, resuming)  # shuffled, or the rest of the resumed epoch
                     resuming = False
-                    # one optimizer step per batch; a checkpoint when it is due or Ctrl-C came
-                    done = self.run_epoch(batches, stop)
-                    # the original's epoch end: the held-out loss, the state dict to ckpt_path
-                    self.end_epoch()
-                    if done:
-                        break
+                    self.model.train(True)
+                    with tqdm(batches, initial=state.batches_done, disable=not config.show_progress,
+                              total=math.ceil(len(self.train_dataset) / config.batch_size)) as bar:
+                        for pieces, batch_tokens in bar:
+                            started = time.time()
+                            batch_tokens = self.train_step.count(pieces, batch_tokens)  # of the global batch
+                            if scheduled_first_step:
+                                lr = self.update_lr(batch_tokens)
+                            loss = self.train_step.run(pieces)  # forward, backward, clipping, AdamW
+                            state.step += 1
+                            state.batches_done += 1
+                            if not scheduled_first_step:
+                                lr = self.update_lr(batch_tokens)
+                            self.report(bar, loss, lr, batch_tokens, started)  # bar, metrics line, callbacks
+                            if self.max_steps_reached():
+                                break
+                            self.checkpoint_if_due(stop)  # and on Ctrl-C, TrainingInterrupted after it
+                        self.show(bar, self.log.flush())  # the losses still on the device, at last
+                    self.end_epoch()  # the original's: the held-out loss, the state dict to ckpt_path
+        except TrainingDiverged:
+            self.log.flush()  # every process stops at the same step (their gradients are one): its lines
+            raise
         finally:
-            self.flush_metrics()
-            if self.metrics:
-                self.metrics.close()
+            self.log.close(flush=not distributed.active())  # another process may be gone: no collective
 
     def prepare(self):
-        """The optimizer (a resumed run's, if any), the metrics file and the clocks; True when resuming."""
+        """The optimizer (a resumed run's, if any), the training step, the metrics log, the clocks; True when
+        resuming."""
         config = self.config
-        self.optimizer = make_optimizer(self.model, config, self.device)
+        utils.check_choice('first_step_lr', config.first_step_lr, FIRST_STEP_LRS)
+        self.optimizer = optim.make_optimizer(self.model, config, self.device)
         resuming = self.saved_optimizer is not None
         if resuming:
-            decay = [group['weight_decay'] for group in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(self.saved_optimizer)
+            optim.restore(self.optimizer, self.saved_optimizer, optim.scheduled_lr(self.state.tokens, config))
             self.saved_optimizer = None
-            # the saved groups hold the interrupted run's rate and decay: this run's settings apply
-            # (the same values when they did not change, so an exact resume stays exact)
-            lr = config.learning_rate * (lr_multiplier(self.state.tokens, config) if config.lr_decay else 1)
-            for group, weight_decay in zip(self.optimizer.param_groups, decay):
-                group.update(lr=lr, weight_decay=weight_decay)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.forward = distributed.wrap(self.forward, self.device)  # with several processes: DDP
-        self.prepare_gpu_path()
-        self.metrics = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
+        self.train_step = steps.make_step(self.model, self.forward, self.optimizer, config, self.amp_dtype,
+                                          self.train_dataset, self.device, self.check_step)
+        if config.data_path == 'device' and self.device_epochs is None:
+            self.device_epochs = gpu_path.DeviceEpochs(self.train_dataset, self.device)
+        file = checkpoint.open_metrics(config.metrics_path, self.state.step if resuming else None)
+        self.log = metrics.MetricsLog(file, self.train_step.resolve, lambda record: check_finite(
+            'loss', record['loss'], record['step'], record['epoch'] - 1, record['lr']))
         self.start_time = time.time() - self.state.elapsed
         self.last_save = time.time()
         return resuming
 
-    def prepare_gpu_path(self):
-        """With data_path 'device' or train_step 'fixed'/'graph': the pieces of the GPU fast path (gpu_path.py)."""
-        config = self.config
-        gpu_path.check_choices(config.data_path, config.train_step)
-        if config.data_path == 'device' and self.device_epochs is None:
-            self.device_epochs = gpu_path.DeviceEpochs(self.train_dataset, self.device)
-        if config.train_step == 'default':
-            return
-        graph = config.train_step == 'graph'
-        gpu_path.use_tensor_lr(self.optimizer, self.device, capturable=graph and self.device.type == 'cuda')
-        self.fixed_step = gpu_path.FixedShapeStep(self.model, self.forward, self.optimizer, config.grad_norm_clip,
-                                                  self.amp_dtype, config.batch_size,
-                                                  gpu_path.width_of(self.train_dataset, self.model), self.device, graph)
-        self.deferred = gpu_path.DeferredMetrics()
+    def check_step(self, what, value):
+        """check_finite for the step in progress."""
+        check_finite(what, value, self.state.step + 1, self.state.epoch, self.optimizer.param_groups[0]['lr'])
 
     def epoch_batches(self, epoch, resuming):
         """The batches of `epoch` not yet trained on, each (pieces on the device, token count).
@@ -248,8 +238,8 @@ class Trainer:
         config = self.config
         checkpoint.enter_epoch(self.state, self.data_generator, epoch, resuming)
         # a fixed step runs each batch whole, padded back to one shape: no trimming or chunks
-        trim = config.trim_padding and self.fixed_step is None
-        chunks = config.chunks if self.fixed_step is None else 1
+        fixed = config.train_step != 'default'
+        trim, chunks = config.trim_padding and not fixed, 1 if fixed else config.chunks
         if self.device_epochs is not None and config.batching == 'random':
             batches = gpu_path.epoch_batches(self.device_epochs, len(self.train_dataset), config.batch_size,
                                              self.data_generator, chunks=chunks, trim=trim,
@@ -263,135 +253,38 @@ class Trainer:
             checkpoint.set_rng_state(self.state.rng)
         return batches
 
-    def run_epoch(self, batches, stop):
-        """Train on each of the epoch's batches; True once max_steps is reached."""
-        config, state = self.config, self.state
-        utils.check_choice('first_step_lr', config.first_step_lr, FIRST_STEP_LRS)
-        scheduled_first_step = config.lr_decay and config.first_step_lr == 'scheduled'
-        self.model.train(True)
-        total = math.ceil(len(self.train_dataset) / config.batch_size)
-        pbar = tqdm(batches, initial=state.batches_done, total=total, disable=not config.show_progress)
-        for pieces, batch_tokens in pbar:
-            step_start = time.time()
-            # The original sets the learning rate after each step, so its first step runs at the
-            # full rate before warmup starts; 'scheduled' sets it before, counting this batch.
-            if scheduled_first_step:
-                lr = self.update_lr(batch_tokens)
-            # forward and backward over the batch's pieces, clip the gradient, AdamW step
-            try:
-                loss = self.train_step(pieces)
-            except TrainingDiverged:
-                pbar.close()
-                raise
-            if distributed.active():  # the schedule counts the tokens of the global batch
-                batch_tokens = int(distributed.all_sum([batch_tokens], self.device)[0])
-            state.step += 1
-            state.batches_done += 1
-            if not scheduled_first_step:
-                lr = self.update_lr(batch_tokens)
-            # report the step: progress bar, metrics line, callbacks (a loss on the device: at the epoch's end)
-            if not torch.is_tensor(loss):
-                pbar.set_description(f"epoch {state.epoch + 1} iter {state.batches_done - 1}: "
-                                     f"train loss {loss:.5f}. lr {lr:e}")
-            now = time.time()
-            self.write_metrics(step=state.step, epoch=state.epoch + 1, tokens=state.tokens, loss=loss, lr=lr,
-                               tokens_per_s=batch_tokens / max(now - step_start, 1e-9), wall_s=now - self.start_time)
-            for callback in self.callbacks['on_batch_end']:
-                callback(self)
-            # stop at max_steps; otherwise save a checkpoint when due, and stop here on Ctrl-C
-            if self.max_steps_reached():
-                self.flush_metrics(pbar)
-                return True
-            self.save_checkpoint_if_due(stop)
-            if stop.signal_name:
-                pbar.close()
-                raise checkpoint.TrainingInterrupted(stop.signal_name, state.step, state.epoch, config.checkpoint_path)
-        self.flush_metrics(pbar)
-        return False
-
-    def train_step(self, pieces):
-        """One optimizer step on a batch given as pieces; returns the batch's mean loss over non-pad targets.
-
-        Each piece's summed loss is divided by the count of the whole batch's
-        targets, so the pieces' gradients add up to those of the batch's mean.
-        With train_step 'fixed' or 'graph' the batch is one piece and the
-        loss comes back as a tensor on the device (gpu_path.FixedShapeStep).
-        With several processes the count is of the global batch, and each
-        process's loss is multiplied by their number, which undoes DDP's
-        averaging: the synchronised gradient is that of the global batch's
-        mean, synchronised once, at the last piece's backward.
-        """
-        if self.fixed_step is not None:
-            (x, y), = pieces
-            return self.fixed_step(x, y)
-        self.model.zero_grad(set_to_none=True)
-        n_targets = sum(int((y != 0).sum()) for _, y in pieces)
-        if distributed.active():
-            n_targets = int(distributed.all_sum([n_targets], self.device)[0])
-        n_targets = max(1, n_targets)
-        divisor = n_targets / distributed.world_size() if distributed.active() else n_targets
-        total = 0.0
-        for i, (x, y) in enumerate(pieces):
-            with distributed.no_sync(self.forward, skip=i < len(pieces) - 1):
-                loss_sum = self.loss_sum(x, y)
-                (loss_sum / divisor).backward()
-            total += loss_sum.item()
-        # a diverged run stops before its step: nan or inf would spread to every parameter
-        self.check_finite('loss', total / n_targets)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_norm_clip)
-        self.check_finite('gradient norm', float(norm))
-        self.optimizer.step()
-        if distributed.active():
-            total = distributed.all_sum([total], self.device)[0]
-        return total / n_targets
-
-    def check_finite(self, what, value):
-        """TrainingDiverged unless `value`, this step's loss or gradient norm, is a finite number."""
-        if not math.isfinite(value):
-            lr = self.optimizer.param_groups[0]['lr']
-            raise TrainingDiverged(self.state.step + 1, self.state.epoch, what, value, lr)
-
-    def loss_sum(self, x, y):
-        """The loss summed over the non-pad targets of (x, y), under autocast when `precision` asks for it."""
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            return self.forward(x, y, loss_reduction='sum')[1]
-
     def update_lr(self, batch_tokens):
         """With lr_decay, count the batch's tokens and set the scheduled learning rate; returns the rate."""
         config = self.config
         if not config.lr_decay:
             return config.learning_rate
         self.state.tokens += batch_tokens
-        lr = config.learning_rate * lr_multiplier(self.state.tokens, config)
+        lr = optim.scheduled_lr(self.state.tokens, config)
         gpu_path.set_lr(self.optimizer, lr)  # in place where the rate is a tensor (train_step 'fixed'/'graph')
         return lr
 
-    def write_metrics(self, **record):
-        if self.deferred is not None and torch.is_tensor(record.get('loss')):
-            self.deferred.add(record)
-        elif self.metrics:
-            self.metrics.write(json.dumps(record) + '\n')
+    def report(self, bar, loss, lr, batch_tokens, started):
+        """The step's metrics line (held while its loss is pending), its progress-bar line, the callbacks."""
+        now, state = time.time(), self.state
+        record = dict(step=state.step, epoch=state.epoch + 1, tokens=state.tokens, loss=loss, lr=lr,
+                      tokens_per_s=batch_tokens / max(now - started, 1e-9), wall_s=now - self.start_time)
+        self.log.write(record)
+        if isinstance(loss, float):
+            self.show(bar, record)
+        for callback in self.callbacks['on_batch_end']:
+            callback(self)
 
-    def flush_metrics(self, pbar=None):
-        """Write the held lines whose loss was on the device (one host sync); show the last loss on the bar."""
-        if self.deferred is None:
-            return
-        flushed = []
-        last = self.deferred.flush(flushed.append)
-        for record in flushed:
-            self.write_metrics(**record)
-            # here a diverged run is seen only now, its later steps applied: no params or checkpoint follow
-            if not math.isfinite(record['loss']):
-                raise TrainingDiverged(record['step'], record['epoch'] - 1, 'loss', record['loss'], record['lr'])
-        if pbar is not None and last is not None:
-            pbar.set_description(f"epoch {last['epoch']} iter {self.state.batches_done - 1}: "
-                                 f"train loss {last['loss']:.5f}. lr {last['lr']:e}")
+    def show(self, bar, record):
+        if record is not None:
+            bar.set_description(f"epoch {record['epoch']} iter {self.state.batches_done - 1}: "
+                                f"train loss {record['loss']:.5f}. lr {record['lr']:e}")
 
     def max_steps_reached(self):
         return self.config.max_steps is not None and self.state.step >= self.config.max_steps
 
-    def save_checkpoint_if_due(self, stop):
-        """Save the training checkpoint when checkpoint_minutes have passed, or a stop was asked for."""
+    def checkpoint_if_due(self, stop):
+        """Save the training checkpoint when checkpoint_minutes have passed or a stop was asked for; then
+        stop with TrainingInterrupted if it was."""
         config = self.config
         if config.checkpoint_path is None:
             return
@@ -399,37 +292,19 @@ class Trainer:
         # with several processes, all save (and stop) at the same step; rank 0 writes every rank's random states
         if distributed.agree_stop(stop, due, self.device):
             self.state.elapsed = time.time() - self.start_time
-            self.flush_metrics()  # the metrics file holds every step up to the checkpoint's
-            rank_states = None
-            if distributed.active():
-                rank_states = distributed.gather({'rng': checkpoint.rng_state(),
-                                                  'epoch_start_rng': self.state.epoch_start_rng})
-            if distributed.is_main():
-                checkpoint.save(config.checkpoint_path, self.model, self.optimizer, self.state,
-                                config.checkpoint_info, rank_states=rank_states)
-            distributed.barrier()  # no process ends (and has torchrun stop the others) before it is written
+            self.log.flush()  # the metrics file holds every step up to the checkpoint's
+            checkpoint.save_of_every_rank(config.checkpoint_path, self.model, self.optimizer, self.state,
+                                          config.checkpoint_info)
             self.last_save = time.time()
+        if stop.signal_name:
+            raise checkpoint.TrainingInterrupted(stop.signal_name, self.state.step, self.state.epoch,
+                                                 config.checkpoint_path)
 
     def end_epoch(self):
         """As the original ends an epoch: the held-out loss (a metrics line), then the state dict to ckpt_path."""
         if self.test_dataset is not None:
-            self.write_metrics(step=self.state.step, epoch=self.state.epoch + 1, test_loss=self.evaluate_loss())
+            self.log.write(dict(step=self.state.step, epoch=self.state.epoch + 1,
+                                test_loss=held_out_loss(self, self.test_dataset)))
         if self.config.ckpt_path is not None:
             with utils.atomic_write(self.config.ckpt_path) as temporary:
                 torch.save(self.model.state_dict(), temporary)
-
-    @torch.no_grad()
-    def evaluate_loss(self):
-        """Mean loss over test_dataset's non-pad targets, in eval mode (no dropout).
-
-        Its DataLoader seeds itself from a generator of its own, so the
-        training run's random states are left as they were.
-        """
-        self.model.eval()
-        loader = DataLoader(self.test_dataset, batch_size=self.config.batch_size, generator=torch.Generator())
-        total, count = 0.0, 0
-        for x, y in loader:
-            total += self.loss_sum(x.to(self.device), y.to(self.device)).item()
-            count += int((y != 0).sum())
-        self.model.train()
-        return total / max(1, count)

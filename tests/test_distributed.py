@@ -26,8 +26,9 @@ WIKI = os.path.join(ROOT, 'wiki.txt')
 TRAIN_TSV = os.path.join(ROOT, 'birth_places_train.tsv')
 TINY = ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--batch_size', '8', '--device', 'cpu', '--quiet']
 # Batches of 3: shares of 1 and 2 examples, so the ranks run different numbers of pieces (chunks) per step.
+# The rate set before each step (as the laptop recipe sets it) must count the global batch's tokens too.
 FINETUNE = ['finetune', 'vanilla', WIKI, '--finetune_corpus_path', TRAIN_TSV, '--dropout', '0', '--max_steps', '4',
-            '--batch_size', '3']
+            '--batch_size', '3', '--first_step_lr', 'scheduled']
 TIMEOUT = 120
 
 pytestmark = pytest.mark.usefixtures('single_thread')  # conftest: tiny models, one thread

@@ -19,6 +19,7 @@ import checkpoint
 import dataset
 import gpu_path
 import model
+import optim
 import trainer
 import utils
 from conftest import ROOT, MASK_CHAR, PAD_CHAR, small_config, synthetic_corpus
@@ -145,7 +146,7 @@ def test_tensor_learning_rate_trains_like_a_float_one():
         m = model.GPT(small_config(False))
         torch.manual_seed(0)
         m.load_state_dict(model.GPT(small_config(False)).state_dict())
-        opt = trainer.make_optimizer(m, trainer.TrainerConfig(learning_rate=1e-2), CPU)
+        opt = optim.make_optimizer(m, trainer.TrainerConfig(learning_rate=1e-2), CPU)
         if tensor_lr:
             gpu_path.use_tensor_lr(opt, CPU, capturable=False)
         for step in range(3):
@@ -227,7 +228,7 @@ def test_cuda_graph_step_trains_like_the_eager_fixed_step(char_dataset, synthesi
         t.train()
         results[step] = {k: v.float().cpu() for k, v in m.state_dict().items()}
         if step == 'graph':
-            assert t.fixed_step.graph is not None
+            assert t.train_step.graph is not None
     for k in results['fixed']:
         torch.testing.assert_close(results['graph'][k], results['fixed'][k], rtol=1e-3, atol=1e-4)
 
@@ -238,7 +239,7 @@ def test_cuda_graph_replays_draw_fresh_dropout(char_dataset):
     utils.set_seed(0)
     m = model.GPT(small_config(False, block_size=128, n_embd=64, n_head=4, n_layer=2, vocab_size=256,
                                pdrop=0.1)).to(cuda)
-    opt = trainer.make_optimizer(m, trainer.TrainerConfig(learning_rate=0.0), cuda)
+    opt = optim.make_optimizer(m, trainer.TrainerConfig(learning_rate=0.0), cuda)
     gpu_path.use_tensor_lr(opt, cuda, capturable=True)
     step = gpu_path.FixedShapeStep(m, m, opt, 1.0, torch.bfloat16, 16, 127, cuda, graph=True)
     x, y = (t.to(cuda) for t in gpu_path.DeviceEpochs(char_dataset, cuda).epoch(torch.arange(16),

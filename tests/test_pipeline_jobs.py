@@ -15,6 +15,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 sys.path.insert(0, ROOT)
 import pipeline  # noqa: E402
+import scheduler  # noqa: E402
 
 TINY = ['--max_steps', '2', '--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--quiet']
 OUTPUTS = ['vanilla.model.params', 'vanilla.nopretrain.dev.predictions', 'vanilla.nopretrain.test.predictions',
@@ -124,7 +125,7 @@ def test_jobs_below_one_is_a_one_line_usage_error(jobs, tmp_path):
 
 def test_the_status_line_shows_each_sequence_with_its_step_and_eta(tmp_path, capsys):
     seqs = pipeline.sequences(str(tmp_path))
-    runner = pipeline.Runner(seqs, 2, 'laptop', [], {})
+    runner = scheduler.Runner(seqs, 2, 'laptop', [], {})
     vanilla, synthesizer = seqs[2], seqs[3]
     os.makedirs(tmp_path / 'logs')
     with open(vanilla.log, 'w') as f:
@@ -152,10 +153,10 @@ def test_the_status_line_shows_each_sequence_with_its_step_and_eta(tmp_path, cap
 
 def test_progress_and_durations():
     rows = [{'step': 100, 'wall_s': 50.0}, {'step': 110, 'wall_s': 60.0}]
-    assert pipeline.progress(rows, 200, 60) == 'step 110/200 ETA 1m30s'
-    assert pipeline.progress(rows, None, 60) == 'step 110'
-    assert pipeline.progress([], 200, 5) == 'starting (5s)'
-    assert [pipeline.duration(s) for s in (0, 59, 60, 3599, 3600, 7325)] == ['0s', '59s', '1m00s', '59m59s',
+    assert scheduler.progress(rows, 200, 60) == 'step 110/200 ETA 1m30s'
+    assert scheduler.progress(rows, None, 60) == 'step 110'
+    assert scheduler.progress([], 200, 5) == 'starting (5s)'
+    assert [scheduler.duration(s) for s in (0, 59, 60, 3599, 3600, 7325)] == ['0s', '59s', '1m00s', '59m59s',
                                                                               '1h00m', '2h02m']
-    assert pipeline.total_steps({'max_epochs': '650', 'batch_size': '128', 'max_steps': 'None'}, 2937) == 650 * 23
-    assert pipeline.total_steps({'batch_size': '128'}, 2937) is None
+    assert scheduler.total_steps({'max_epochs': '650', 'batch_size': '128', 'max_steps': 'None'}, 2937) == 650 * 23
+    assert scheduler.total_steps({'batch_size': '128'}, 2937) is None

@@ -100,3 +100,17 @@ def test_metrics_are_plotted(tmp_path):
     missing = subprocess.run([sys.executable, os.path.join(ROOT, 'plot_metrics.py'), str(tmp_path / 'nope.jsonl'),
                               '--output', str(png)], capture_output=True, text=True)
     assert missing.returncode != 0 and 'no metrics file' in missing.stderr and 'Traceback' not in missing.stderr
+
+
+def test_a_new_variant_or_recipe_is_one_entry(monkeypatch):
+    """A variant is an entry in recipes.VARIANTS (and, where it trains differently, in a recipe's 'variants')."""
+    import recipes
+    monkeypatch.setitem(recipes.VARIANTS, 'wide', {'synthesizer': True})
+    laptop = dict(recipes.LAPTOP, variants={'wide': {'model': dict(n_embd=64), 'pretrain': dict(max_epochs=5)}})
+    monkeypatch.setitem(recipes.RECIPES, 'mine', laptop)
+    model_settings, pretrain = recipes.settings('mine', 'wide', 'pretrain', N_DOCS, CPU)
+    assert model_settings == dict(recipes.LAPTOP['model'], n_embd=64)
+    assert pretrain['max_epochs'] == 5 and pretrain['final_tokens'] == 5 * N_DOCS * 127
+    assert 'wide' in run.build_parser().parse_args(['pretrain', 'wide', 'wiki.txt']).variant
+    assert (pretrain['num_workers'], pretrain['chunks']) == (0, 4)  # recipes.device_settings, after the table
+    assert recipes.device_settings(torch.device('cuda')) == dict(num_workers=4, chunks=1)

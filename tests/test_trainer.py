@@ -11,6 +11,7 @@ import batching
 import checkpoint
 import dataset
 import model
+import optim
 import trainer
 import utils
 from conftest import small_config
@@ -49,15 +50,15 @@ SCHED = trainer.TrainerConfig(lr_decay=True, warmup_tokens=1000, final_tokens=11
 ])
 def test_lr_multiplier_values(tokens, expected):
     expected = expected if tokens < 1000 else max(0.1, expected)
-    assert trainer.lr_multiplier(tokens, SCHED) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert optim.lr_multiplier(tokens, SCHED) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def test_lr_multiplier_rises_past_progress_one():
-    at_1_8 = trainer.lr_multiplier(1000 + 18000, SCHED)
+    at_1_8 = optim.lr_multiplier(1000 + 18000, SCHED)
     assert at_1_8 == pytest.approx(0.9045084971874737, rel=1e-9)
     assert at_1_8 > 0.1
     # monotone rise between progress 1.4 and 2.0
-    values = [trainer.lr_multiplier(1000 + int(p * 10000), SCHED) for p in (1.4, 1.6, 1.8, 2.0)]
+    values = [optim.lr_multiplier(1000 + int(p * 10000), SCHED) for p in (1.4, 1.6, 1.8, 2.0)]
     assert values == sorted(values) and values[0] > 0.1
 
 
@@ -65,14 +66,14 @@ def test_lr_multiplier_with_the_pretrain_recipe():
     """warmup 512*20 tokens, final 200 * n_docs * 128, as run.py's pretraining recipe."""
     n_docs = 2937
     cfg = trainer.TrainerConfig(lr_decay=True, warmup_tokens=512 * 20, final_tokens=200 * n_docs * 128)
-    assert trainer.lr_multiplier(5120, cfg) == pytest.approx(0.5)
-    assert trainer.lr_multiplier(10240, cfg) == 1.0
+    assert optim.lr_multiplier(5120, cfg) == pytest.approx(0.5)
+    assert optim.lr_multiplier(10240, cfg) == 1.0
     tokens = 650 * n_docs * 127   # the whole 650-epoch run, batches of 127-long rows
     progress = (tokens - 10240) / (200 * n_docs * 128 - 10240)
     assert 3.2 < progress < 3.3
     expected = max(0.1, 0.5 * (1 + math.cos(math.pi * progress)))
     assert expected > 0.1     # the unclamped cosine has come back above the floor by the end
-    assert trainer.lr_multiplier(tokens, cfg) == pytest.approx(expected, rel=1e-9)
+    assert optim.lr_multiplier(tokens, cfg) == pytest.approx(expected, rel=1e-9)
 
 
 def toy_dataset(n=14, T=12, vocab=30, seed=0):
@@ -94,9 +95,9 @@ def tiny_model(synthesizer=False, seed=0, pdrop=0.0, block_size=16, vocab=30):
 
 
 def capture_optimizer(monkeypatch):
-    """Wrap trainer.make_optimizer to record the lr each step runs with."""
+    """Wrap optim.make_optimizer to record the lr each step runs with."""
     record = {'lrs': [], 'opt': None}
-    original = trainer.make_optimizer
+    original = optim.make_optimizer
 
     def wrapped(*args, **kwargs):
         opt = original(*args, **kwargs)
@@ -104,7 +105,7 @@ def capture_optimizer(monkeypatch):
         opt.register_step_pre_hook(lambda o, a, k: record['lrs'].append([g['lr'] for g in o.param_groups]))
         return opt
 
-    monkeypatch.setattr(trainer, 'make_optimizer', wrapped)
+    monkeypatch.setattr(optim, 'make_optimizer', wrapped)
     return record
 
 
@@ -122,7 +123,7 @@ def test_trainer_applies_schedule_after_each_step(monkeypatch, tmp_path):
     for rows in batch_rows:
         total += rows * 12          # every target counts, pads included
         tokens.append(total)
-    expected_after = [lr0 * trainer.lr_multiplier(t, cfg) for t in tokens]
+    expected_after = [lr0 * optim.lr_multiplier(t, cfg) for t in tokens]
     # step 1 runs with the configured lr; step k+1 with the lr set after step k
     lrs = record['lrs']
     assert len(lrs) == len(batch_rows)
@@ -159,7 +160,7 @@ def test_scheduled_first_step_warms_up_from_step_one(monkeypatch, tmp_path):
     for rows in [4, 4, 4, 2] * 2:
         total += rows * 12
         tokens.append(total)
-    expected = [lr0 * trainer.lr_multiplier(t, cfg) for t in tokens]
+    expected = [lr0 * optim.lr_multiplier(t, cfg) for t in tokens]
     used = [group_lrs[0] for group_lrs in record['lrs']]
     assert used == pytest.approx(expected)
     assert used[0] == pytest.approx(lr0 * 48 / 100)   # not the full rate, as 'full' runs its first step
@@ -195,7 +196,7 @@ def test_trainer_without_decay_keeps_lr(monkeypatch):
 def test_weight_decay_groups():
     for synthesizer in (False, True):
         m = tiny_model(synthesizer)
-        opt = trainer.make_optimizer(m, trainer.TrainerConfig(), torch.device('cpu'))
+        opt = optim.make_optimizer(m, trainer.TrainerConfig(), torch.device('cpu'))
         assert isinstance(opt, torch.optim.AdamW)
         decay_of = {}
         for group in opt.param_groups:
@@ -222,7 +223,7 @@ def test_weight_decay_on_matrices_leaves_norms_embeddings_and_biases_alone():
     for synthesizer in (False, True):
         m = tiny_model(synthesizer)
         cfg = trainer.TrainerConfig(weight_decay=0.3, weight_decay_on='matrices')
-        opt = trainer.make_optimizer(m, cfg, torch.device('cpu'))
+        opt = optim.make_optimizer(m, cfg, torch.device('cpu'))
         decayed = {id(p) for group in opt.param_groups if group['weight_decay'] == 0.3 for p in group['params']}
         kept = {id(p) for group in opt.param_groups if group['weight_decay'] == 0.0 for p in group['params']}
         names = dict(m.named_parameters())
@@ -234,7 +235,7 @@ def test_weight_decay_on_matrices_leaves_norms_embeddings_and_biases_alone():
         assert {name for name, p in names.items() if id(p) in decayed} == expected
         assert 'head.weight' in expected and 'blocks.0.mlp.0.weight' in expected
     with pytest.raises(ValueError, match="use 'all' or 'matrices'"):
-        trainer.decays('head.weight', names['head.weight'], 'embeddings')
+        optim.decays('head.weight', names['head.weight'], 'embeddings')
 
 
 # ---------------------------------------------------------- split_batch
@@ -364,7 +365,7 @@ def test_trainer_chunked_gradients_equal_plain(monkeypatch):
     grads = {}
 
     def run(chunks, trim):
-        original = trainer.make_optimizer
+        original = optim.make_optimizer
 
         def wrapped(m, *a, **k):
             opt = original(m, *a, **k)
@@ -374,13 +375,13 @@ def test_trainer_chunked_gradients_equal_plain(monkeypatch):
             opt.register_step_pre_hook(hook)
             return opt
 
-        monkeypatch.setattr(trainer, 'make_optimizer', wrapped)
+        monkeypatch.setattr(optim, 'make_optimizer', wrapped)
         m = tiny_model(seed=3)
         cfg = trainer.TrainerConfig(max_epochs=1, max_steps=1, batch_size=8, chunks=chunks, trim_padding=trim,
                                     grad_norm_clip=1e9, show_progress=False)
         torch.manual_seed(123)    # same shuffle
         trainer.Trainer(m, toy_dataset(n=16), None, cfg, device='cpu').train()
-        monkeypatch.setattr(trainer, 'make_optimizer', original)
+        monkeypatch.setattr(optim, 'make_optimizer', original)
 
     run(1, False)
     run(3, True)

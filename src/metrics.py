@@ -1,0 +1,43 @@
+"""The metrics file's writer: a JSON line per record, held while its loss is not yet known on this host."""
+import json
+
+
+class MetricsLog:
+    """Writes metrics records to `file` (None: writes nothing, still checks).
+
+    A step's loss is a float, written at once, or a pending value that the
+    training step made: a device tensor (gpu_path.FixedShapeStep) or this
+    process's share of a data-parallel loss (trainer.EagerStep). Pending
+    records are held until `flush`, which turns all their losses into floats
+    at once with the step's `resolve` (one host sync, or one all-reduce),
+    then writes each line and passes it to `check` (which may raise).
+    """
+
+    def __init__(self, file, resolve, check):
+        self.file, self.resolve, self.check = file, resolve, check
+        self.held = []
+
+    def write(self, record):
+        if 'loss' in record and not isinstance(record['loss'], float):
+            self.held.append(record)
+        elif self.file:
+            self.file.write(json.dumps(record) + '\n')
+
+    def flush(self):
+        """Write the held records, their losses resolved; returns the last one (None when none were held)."""
+        held, self.held = self.held, []
+        losses = self.resolve([record['loss'] for record in held]) if held else []
+        record = None
+        for record, loss in zip(held, losses):
+            record = dict(record, loss=loss)
+            self.write(record)
+            self.check(record)
+        return record
+
+    def close(self, flush=True):
+        try:
+            if flush:
+                self.flush()
+        finally:
+            if self.file:
+                self.file.close()

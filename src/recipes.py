@@ -1,0 +1,89 @@
+"""The recipes: every setting of a run, as plain tables, one per stage.
+
+A recipe has a table for the model and one for each training stage:
+'pretrain', 'finetune_scratch' (finetuning without pretrained params) and
+'finetune_pretrained'. Its 'variants' table changes single settings of a
+stage for one variant. Two settings of a stage say where the cosine ends:
+final_tokens = cosine_epochs x documents x cosine_width, where
+cosine_epochs 'max_epochs' is the run's own length. The device's choices
+(device_settings) come after the table, the command line's overrides last.
+
+Adding a recipe is adding an entry to RECIPES; adding a variant is adding an
+entry to VARIANTS (its model's settings), and to a recipe's 'variants' where
+it trains differently.
+"""
+
+BLOCK_SIZE = 128
+
+# variant -> the model settings (model.GPTConfig keywords) that make it
+VARIANTS = {
+    'vanilla': {},
+    'synthesizer': {'synthesizer': True},
+}
+
+_SCHEDULE = dict(lr_decay=True, warmup_tokens=512 * 20, cosine_epochs=200, cosine_width=BLOCK_SIZE)
+
+FAITHFUL = {
+    'model': dict(n_layer=4, n_head=8, n_embd=256),
+    'pretrain': dict(max_epochs=650, batch_size=128, learning_rate=6e-3, **_SCHEDULE),
+    'finetune_scratch': dict(max_epochs=75, batch_size=256, learning_rate=6e-4, **_SCHEDULE),
+    'finetune_pretrained': dict(max_epochs=10, batch_size=256, learning_rate=6e-4, **_SCHEDULE),
+}
+"""The original assignment's settings (2021 handout and starter code), the same for both variants.
+
+Its cosine is fixed in tokens, 200 epochs of whole blocks of the
+pretraining corpus, for every stage: a longer or shorter run leaves it as it is.
+"""
+
+LAPTOP = {
+    'model': dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0),
+    'pretrain': dict(max_epochs=230, batch_size=128, learning_rate=6e-3, lr_decay=True,
+                     warmup_tokens=100 * 128 * (BLOCK_SIZE - 1), cosine_epochs='max_epochs',
+                     cosine_width=BLOCK_SIZE - 1, first_step_lr='scheduled', precision='auto'),
+    'finetune_scratch': dict(FAITHFUL['finetune_scratch'], precision='auto'),
+    'finetune_pretrained': dict(FAITHFUL['finetune_pretrained'], precision='auto'),
+    'variants': {'synthesizer': {'pretrain': dict(max_epochs=320)}},
+}
+"""A recipe sized for a 2-core CPU (EXPERIMENTS.md has the runs behind it).
+
+A narrower, dropout-free model (width 128, 4 heads), pretrained for 230
+epochs (vanilla) or 320 (the synthesizer, which learns more slowly per
+step: at 230 it scored 3.8-4.4% dev, at 320 4.6-6.4%). The cosine ends
+with the run, --max_epochs included; like the original's, it stops falling
+at 10% of the peak rate, 80% of the way through. A warmup over 100 batches
+starts at the first step: a first step at the full rate, as the original
+takes it, holds this model's loss 0.1-0.3 higher over its first 1,000
+steps. Weight decay stays the faithful 0.1. Finetuning is the faithful one.
+"""
+
+RECIPES = {'faithful': FAITHFUL, 'laptop': LAPTOP}
+STAGES = ('pretrain', 'finetune_scratch', 'finetune_pretrained')
+
+
+def device_settings(device):
+    """How batches are run on `device`; the math stays as it is.
+
+    On a CPU, no DataLoader workers (building a batch costs under 0.1% of a
+    step and workers only compete for the cores, bench/data_loader.py) and
+    each batch split into 4 length-sorted trimmed chunks (2.3x the reference
+    step, bench/train_step.py); on a GPU the original's 4 workers, whole batches.
+    """
+    on_gpu = device.type == 'cuda'
+    return dict(num_workers=4 if on_gpu else 0, chunks=1 if on_gpu else 4)
+
+
+def settings(recipe, variant, stage, n_documents, device, max_epochs=None):
+    """(model settings, training settings) of `stage` in `recipe` for `variant`, on `device`.
+
+    n_documents is the pretraining corpus's, which the cosine's end counts;
+    max_epochs, the command line's, moves a cosine that ends with the run.
+    """
+    tables = RECIPES[recipe]
+    changes = tables.get('variants', {}).get(variant, {})
+    model_settings = dict(tables['model'], **changes.get('model', {}))
+    train = dict(tables[stage], **changes.get(stage, {}))
+    epochs = train['max_epochs'] if max_epochs is None else max_epochs
+    cosine_epochs = epochs if train['cosine_epochs'] == 'max_epochs' else train['cosine_epochs']
+    train['final_tokens'] = cosine_epochs * n_documents * train['cosine_width']
+    del train['cosine_epochs'], train['cosine_width']
+    return model_settings, dict(train, **device_settings(device))

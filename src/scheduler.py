@@ -1,0 +1,278 @@
+"""pipeline.py's scheduler: sequences of steps run as processes, up to N at once, and their status line."""
+import datetime
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STATUS_EVERY_S = 30   # how often the status line is printed when stdout is not a terminal
+POLL_S = 0.5          # how often running processes are checked (and, on a terminal, the status redrawn)
+
+
+class Step:
+    """One process of a sequence: `args` of src/run.py (or None: the London baseline), writing `output`."""
+
+    def __init__(self, name, short, output, args):
+        self.name, self.short, self.output, self.args = name, short, output, args
+
+    def command(self, recipe, extra):
+        if self.args is None:
+            return [sys.executable, 'london_baseline.py']
+        command = [sys.executable, 'src/run.py'] + self.args + ['--recipe', recipe] + list(extra)
+        if os.path.exists(self.output + '.ckpt'):  # an interrupted training step: continue it
+            command.append('--resume')
+        return command
+
+    @property
+    def function(self):
+        return self.args[0] if self.args else None
+
+    @property
+    def corpus(self):
+        """The file a training step trains on: the pretraining corpus, or the finetuning one."""
+        if self.function == 'finetune':
+            return self.args[self.args.index('--finetune_corpus_path') + 1]
+        return self.args[2]
+
+    @property
+    def metrics(self):
+        return self.output + '.metrics.jsonl' if self.function in ('pretrain', 'finetune') else None
+
+
+class Sequence:
+    """Steps that depend on each other, run in order; its log is OUT/logs/LOG.log."""
+
+    def __init__(self, key, log, steps):
+        self.key, self.log, self.steps = key, log, steps
+
+
+def last_metrics(path, since, size=16384):
+    """The last complete lines of a metrics JSONL file, if it was written since `since` (else [])."""
+    try:
+        stat = os.stat(path)
+        if stat.st_mtime < since:
+            return []  # a file left by an earlier run, not yet rewritten
+        with open(path, 'rb') as f:
+            start = max(0, stat.st_size - size)
+            f.seek(start)
+            lines = f.read().split(b'\n')
+    except OSError:
+        return []
+    lines = lines[1 if start else 0:-1]  # a partial first line (after seeking), and the unfinished last one
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def settings_of(text, function):
+    """The key=value settings of the line run.py prints first (`pretrain vanilla: recipe=... max_epochs=...`)."""
+    for line in text.splitlines():
+        if line.startswith(function + ' ') and '=' in line:
+            return dict(re.findall(r'(\w+)=(\S+)', line))
+    return None
+
+
+def count_examples(path):
+    """How many training examples a corpus gives: its lines (documents or question-place pairs)."""
+    with open(os.path.join(ROOT, path), encoding='utf-8') as f:
+        lines = f.read().split('\n')
+    return len(lines) - (lines[-1] == '')
+
+
+def total_steps(settings, n_examples):
+    """Optimizer steps of a training run with these printed settings, or None when they do not say."""
+    try:
+        total = int(settings['max_epochs']) * math.ceil(n_examples / int(settings['batch_size']))
+        if settings.get('max_steps', 'None') != 'None':
+            total = min(total, int(settings['max_steps']))
+        return total
+    except (KeyError, ValueError, ZeroDivisionError):
+        return None
+
+
+def duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f'{seconds}s'
+    if seconds < 3600:
+        return f'{seconds // 60}m{seconds % 60:02d}s'
+    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
+
+
+def progress(rows, total, elapsed):
+    """`step 1200/5290 ETA 3m10s` from a running step's last metrics rows (time per step over the last ones)."""
+    if not rows:
+        return f'starting ({duration(elapsed)})'
+    step = rows[-1]['step']
+    if total is None:
+        return f'step {step}'
+    first, last = rows[0], rows[-1]
+    if last['step'] > first['step']:
+        per_step = (last['wall_s'] - first['wall_s']) / (last['step'] - first['step'])
+    else:
+        per_step = last['wall_s'] / max(1, last['step'])
+    return f'step {step}/{total} ETA {duration(max(0, total - step) * per_step)}'
+
+
+class Runner:
+    """Runs sequences, up to `jobs` at once, one process per step, and keeps a status line."""
+
+    def __init__(self, seqs, jobs, recipe, extra, env):
+        self.pending, self.jobs, self.recipe, self.extra, self.env = list(seqs), jobs, recipe, extra, env
+        self.running = {}     # sequence key -> dict(seq, index, step, process, log, log_offset, start)
+        self.state = {seq.key: 'waiting' for seq in seqs}
+        self.order = [seq.key for seq in seqs]
+        self.logs = {seq.key: seq.log for seq in seqs}
+        self.failures = []    # one line per failed step
+        self.commands = []    # (sequence key, shell command or None, step, skipped)
+        self.ran = 0          # steps run (not skipped) in this invocation
+        self.tty = sys.stdout.isatty()
+        self.status_shown = False
+        self.last_status = time.time()
+        self.n_examples = {}
+
+    def say(self, message):
+        if self.status_shown:
+            sys.stdout.write('\r\033[K')
+            self.status_shown = False
+        print(message, flush=True)
+
+    def shell(self, command):
+        threads = self.env.get('OMP_NUM_THREADS')
+        return (f'OMP_NUM_THREADS={shlex.quote(threads)} ' if threads else '') + shlex.join(command)
+
+    def advance(self, seq, index):
+        """Start the first step of `seq` from `index` on whose output is missing; skip the others."""
+        for i in range(index, len(seq.steps)):
+            step = seq.steps[i]
+            if step.output is not None and os.path.exists(step.output):
+                self.say(f'[skip] {step.name}: {step.output} exists')
+                self.commands.append((seq.key, self.shell(step.command(self.recipe, self.extra)), step, True))
+                continue
+            command = step.command(self.recipe, self.extra)
+            os.makedirs(os.path.dirname(seq.log), exist_ok=True)
+            log = open(seq.log, 'a', encoding='utf-8')
+            log.write(f'\n=== {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC  {step.name}\n'
+                      f'$ {self.shell(command)}\n')
+            log.flush()
+            offset = log.tell()
+            if step.output is not None:
+                resuming = f', resuming from {step.output}.ckpt' if command[-1] == '--resume' else ''
+                self.say(f'[run]  {step.name}{resuming} (log: {seq.log})')
+            self.commands.append((seq.key, self.shell(command), step, False))
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=self.env)
+            self.running[seq.key] = dict(seq=seq, index=i, step=step, process=process, log=log, log_offset=offset,
+                                         start=time.time())
+            self.state[seq.key] = 'running'
+            return
+        self.state[seq.key] = 'done'
+
+    def finish(self, key, returncode):
+        job = self.running.pop(key)
+        job['log'].close()
+        seq, step = job['seq'], job['step']
+        if returncode != 0:
+            self.state[key] = 'failed'
+            self.failures.append(f'pipeline stopped: step "{step.name}" failed (exit status {returncode}); '
+                                 f'log: {seq.log}' + last_line(seq.log, job['log_offset']))
+            self.say(f'[fail] {step.name} (exit status {returncode}; log: {seq.log})')
+            return
+        if step.output is None:
+            self.say(f'{step.name}: {last_line(seq.log, job["log_offset"], prefix="")}')
+        else:
+            self.ran += 1
+            self.say(f'[done] {step.name} in {duration(time.time() - job["start"])}')
+        self.advance(seq, job['index'] + 1)
+
+    def describe(self, key):
+        job = self.running.get(key)
+        if job is None:
+            return f'{key}: {self.state[key]}'
+        step, elapsed = job['step'], time.time() - job['start']
+        if step.metrics is None:
+            return f'{key}: {step.short} ({duration(elapsed)})'
+        if 'total' not in job:
+            settings = settings_of(read_from(job['seq'].log, job['log_offset']), step.function)
+            if settings is not None:
+                corpus = step.corpus
+                if corpus not in self.n_examples:
+                    self.n_examples[corpus] = count_examples(corpus)
+                job['total'] = total_steps(settings, self.n_examples[corpus])
+        rows = last_metrics(step.metrics, job['start'] - 1)
+        return f'{key}: {step.short} {progress(rows, job.get("total"), elapsed)}'
+
+    def status_line(self, width=None):
+        """Every sequence's state; for a terminal narrower than that, the running ones and a count of the rest."""
+        line = ' | '.join(self.describe(key) for key in self.order)
+        if width is not None and len(line) > width:
+            others = [key for key in self.order if key not in self.running]
+            line = ' | '.join([self.describe(key).replace(' step ', ' ') for key in self.order if key in self.running]
+                              + ([f'+{len(others)} done or waiting'] if others else []))
+        return line if width is None else line[:width]
+
+    def status(self, force=False):
+        if self.tty:
+            line = self.status_line(shutil.get_terminal_size().columns - 1)
+            sys.stdout.write('\r\033[K' + line)
+            sys.stdout.flush()
+            self.status_shown = True
+        elif force or time.time() - self.last_status >= STATUS_EVERY_S:
+            print(f'[status] {self.status_line()}', flush=True)
+            self.last_status = time.time()
+
+    def run(self):
+        try:
+            while self.pending or self.running:
+                while self.pending and len(self.running) < self.jobs:
+                    self.advance(self.pending.pop(0), 0)
+                for key, job in list(self.running.items()):
+                    returncode = job['process'].poll()
+                    if returncode is not None:
+                        self.finish(key, returncode)
+                if self.running:
+                    self.status()
+                    time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        finally:
+            if self.status_shown:
+                sys.stdout.write('\r\033[K')
+                sys.stdout.flush()
+
+    def stop(self):
+        """Ask every running step to stop (a training step saves a checkpoint first) and wait for it."""
+        for job in self.running.values():
+            if job['process'].poll() is None:
+                job['process'].send_signal(signal.SIGTERM)
+        for job in self.running.values():
+            job['process'].wait()
+            job['log'].close()
+
+
+def read_from(path, offset, size=65536):
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            f.seek(offset)
+            return f.read(size)
+    except OSError:
+        return ''
+
+
+def last_line(path, offset, prefix='; it ends: '):
+    """The last non-empty line a step wrote to its log (a progress bar's last state if nothing follows it)."""
+    text = read_from(path, offset, size=1 << 24)
+    lines = [line.strip() for line in re.split(r'[\r\n]', text) if line.strip()]
+    return prefix + lines[-1][:500] if lines else ''
