@@ -1,5 +1,9 @@
 """Causal self-attention modules: ordinary key-query-value attention and the dense Synthesizer.
 
+Also, for the later years' variants: rotary position embeddings (RoPE, an
+option of CausalSelfAttention, 2024) and CausalCrossAttention (the
+perceiver's down- and up-projections, 2023).
+
 Each module has a slow reference path that spells the equation out
 (`fused=False`) and a fast path through PyTorch's fused
 scaled_dot_product_attention (`fused=True`, the default); tests hold the two
@@ -52,12 +56,21 @@ class CausalSelfAttention(nn.Module):
                              .view(1, 1, config.block_size, config.block_size))
         self.n_head = config.n_head
         self.fused = getattr(config, 'fused_attention', True)
+        self.rope = getattr(config, 'rope', False)
+        if self.rope:  # RoPE (2024): q and k rotated by position, no position embedding
+            head_size = config.n_embd // config.n_head
+            assert head_size % 2 == 0, 'RoPE rotates pairs of dimensions: n_embd / n_head must be even'
+            self.register_buffer("rope_cache", precompute_rotary_emb(head_size, config.block_size))
+
+    def _position(self, t, start):
+        """t (B, h, T, hs) rotated for positions start .. start + T - 1 under RoPE, else t itself."""
+        return apply_rotary_emb(t, self.rope_cache, start) if self.rope else t
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
         past = cache['k'].size(2) if cache and 'k' in cache else 0
-        q = _split_heads(self.query(x), self.n_head)
-        k = _append_to_cache(cache, 'k', _split_heads(self.key(x), self.n_head))
+        q = self._position(_split_heads(self.query(x), self.n_head), past)
+        k = _append_to_cache(cache, 'k', self._position(_split_heads(self.key(x), self.n_head), past))
         v = _append_to_cache(cache, 'v', _split_heads(self.value(x), self.n_head))
         S = k.size(2)
         if self.fused and not self.keep_weights:
@@ -133,4 +146,68 @@ class SynthesizerAttention(nn.Module):
             if self.keep_weights:
                 self.weights = att.detach()
             y = self.attn_drop(att) @ v
+        return self.resid_drop(self.proj(_merge_heads(y)))
+
+
+def precompute_rotary_emb(dim, max_positions):
+    """cos and sin of t * theta_i for every position t < max_positions: a (max_positions, dim/2, 2) tensor.
+
+    theta_i = 10000^(-2(i-1)/dim) for i = 1 .. dim/2 (RoPE, Su et al., 2021);
+    the angles are taken in float64 and stored in float32.
+    """
+    theta = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * theta
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rotary_emb(x, rope_cache, start=0):
+    """x (..., T, hs) with each pair (x[2i], x[2i+1]) rotated by angle t * theta_i, t its position.
+
+    The positions are start .. start + T - 1: the cache is truncated to the
+    sequence (start > 0 when a key/value cache holds the earlier ones).
+    """
+    cos, sin = rope_cache[start:start + x.size(-2)].to(torch.float32).unbind(-1)  # (T, hs/2) each
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class CausalCrossAttention(nn.Module):
+    """Multi-head masked cross-attention: queries from x_q (B, Tq, d), keys and values from x_kv (B, Tk, d).
+
+    Query i sees key j when j <= i: the mask is tril(block_size)[:Tq, :Tk],
+    so key 0 is always visible. Either input may have a batch of 1, which
+    broadcasts against the other's (the perceiver's learned basis as queries).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.key = nn.Linear(config.n_embd, config.n_embd)
+        self.query = nn.Linear(config.n_embd, config.n_embd)
+        self.value = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_drop = nn.Dropout(config.attn_pdrop)
+        self.resid_drop = nn.Dropout(config.resid_pdrop)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.register_buffer("mask", torch.tril(torch.ones(config.block_size, config.block_size))
+                             .view(1, 1, config.block_size, config.block_size))
+        self.n_head = config.n_head
+        self.fused = getattr(config, 'fused_attention', True)
+
+    def forward(self, x_kv, x_q):
+        Tq, Tk = x_q.size(1), x_kv.size(1)
+        q = _split_heads(self.query(x_q), self.n_head)    # (Bq, h, Tq, hs)
+        k = _split_heads(self.key(x_kv), self.n_head)     # (Bk, h, Tk, hs)
+        v = _split_heads(self.value(x_kv), self.n_head)
+        B = max(q.size(0), k.size(0))
+        q, k, v = q.expand(B, -1, -1, -1), k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        visible = self.mask[:, :, :Tq, :Tk] != 0
+        if self.fused:
+            dropout_p = self.attn_drop.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(~visible, float('-inf'))
+            att = self.attn_drop(F.softmax(att, dim=-1))
+            y = att @ v
         return self.resid_drop(self.proj(_merge_heads(y)))

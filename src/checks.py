@@ -64,9 +64,17 @@ def check_flags(args):
                        f'got {args.seed}', USAGE)
 
 
-def check_settings(model_settings, train_settings, processes=1):
+def check_settings(model_settings, train_settings, processes=1, block_size=None):
     """The recipe with its overrides describes a model and a run that can exist in `processes` processes."""
     settings = {**model_settings, **train_settings}
+    if 'bottleneck_dim' in settings:  # the perceiver
+        m = settings['bottleneck_dim']
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1 or (block_size and m > block_size):
+            raise BadInput(f'--bottleneck_dim must be a whole number from 1 to the block size {block_size}, '
+                           f'got {m}', USAGE)
+        if settings.get('n_layer', 2) < 2:
+            raise BadInput(f"--n_layer must be at least 2 for the perceiver (a down and an up block), "
+                           f"got {settings['n_layer']}", USAGE)
     for name in ('n_layer', 'n_head', 'n_embd', 'batch_size', 'max_epochs', 'max_steps', 'chunks'):
         value = settings.get(name)
         if value is not None and value < 1:
@@ -100,7 +108,8 @@ def check_model_size(model_settings, vocab_size, block_size, training):
     is a lower bound for both variants, so no model that fits is refused.
     """
     d, layers = model_settings['n_embd'], model_settings['n_layer']
-    count = 2 * vocab_size * d + block_size * d + 2 * d + layers * (11 * d * d + 12 * d)
+    positions = 0 if model_settings.get('rope') else block_size  # RoPE has no position embedding
+    count = 2 * vocab_size * d + positions * d + 2 * d + layers * (11 * d * d + 12 * d)
     needed = 4 * count * (4 if training else 1)  # float32 bytes
     try:
         memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
@@ -278,11 +287,13 @@ def load_tensors(path, flag):
 
 
 def params_variant(state):
-    """'synthesizer' or 'vanilla', the attention whose weights `state` holds, or None."""
+    """The variant whose weights `state` holds: 'perceiver', 'synthesizer', 'rope' or 'vanilla'; or None."""
+    if 'down_block.C' in state:
+        return 'perceiver'
     if 'blocks.0.attn.w2' in state:
         return 'synthesizer'
     if 'blocks.0.attn.key.weight' in state:
-        return 'vanilla'
+        return 'vanilla' if 'pos_emb' in state else 'rope'
     return None
 
 
@@ -300,8 +311,8 @@ def check_params(state, gpt, variant, path, corpus_path):
         raise BadInput(f'{flag} {path} holds a {type(state).__name__}, not a params file (a state dict of tensors)')
     held = params_variant(state)
     if held is None:
-        raise BadInput(f'{flag} {path} holds no GPT attention weights (neither blocks.0.attn.key.weight nor '
-                       f'blocks.0.attn.w2); it is not a params file of this model')
+        raise BadInput(f'{flag} {path} holds no GPT attention weights (none of blocks.0.attn.key.weight, '
+                       f'blocks.0.attn.w2, down_block.C); it is not a params file of this model')
     if held != variant:
         raise BadInput(f'{flag} {path} holds {held} params, but the variant is {variant}; '
                        f'run with {held}, or read {variant} params')
@@ -311,6 +322,11 @@ def check_params(state, gpt, variant, path, corpus_path):
         raise BadInput(f'{flag} {path} was trained with a vocabulary of {emb.shape[0]} characters '
                        f'(tok_emb.weight {shape(emb)}), but PRETRAIN_CORPUS_PATH {corpus_path} gives '
                        f'{model_emb.shape[0]} (model {shape(model_emb)}); use the corpus the params were trained with')
+    basis, model_basis = state.get('down_block.C'), expected.get('down_block.C')
+    if basis is not None and model_basis is not None and basis.shape[1:2] != model_basis.shape[1:2]:
+        raise BadInput(f'{flag} {path} was trained with --bottleneck_dim {basis.shape[1]} (down_block.C '
+                       f'{shape(basis)}), but this run has {model_basis.shape[1]}; give --bottleneck_dim '
+                       f'{basis.shape[1]}')
     layers = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
     if layers != len(gpt.blocks):
         raise BadInput(f'{flag} {path} has {layers} Transformer blocks but the model has {len(gpt.blocks)}; '

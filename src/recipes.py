@@ -15,11 +15,15 @@ it trains differently.
 
 BLOCK_SIZE = 128
 
-# variant -> the model settings (model.GPTConfig keywords) that make it
+# variant -> the model settings (model.GPTConfig keywords) that make it; the year of the assignment that had it
 VARIANTS = {
     'vanilla': {},
-    'synthesizer': {'synthesizer': True},
+    'synthesizer': {'synthesizer': True},  # 2021-22
+    'perceiver': {'perceiver': True},      # 2022-23; its bottleneck_dim is a model setting of each recipe
+    'rope': {'rope': True},                # 2023-24
 }
+
+BOTTLENECK_DIM = 32  # the perceiver's --bottleneck_dim default, the 2023 starter's (its handout's commands give 64)
 
 _SCHEDULE = dict(lr_decay=True, warmup_tokens=512 * 20, cosine_epochs=200, cosine_width=BLOCK_SIZE)
 
@@ -28,12 +32,20 @@ FAITHFUL = {
     'pretrain': dict(max_epochs=650, batch_size=128, learning_rate=6e-3, **_SCHEDULE),
     'finetune_scratch': dict(max_epochs=75, batch_size=256, learning_rate=6e-4, **_SCHEDULE),
     'finetune_pretrained': dict(max_epochs=10, batch_size=256, learning_rate=6e-4, **_SCHEDULE),
+    'variants': {'perceiver': {'model': dict(bottleneck_dim=BOTTLENECK_DIM)},
+                 'rope': {'pretrain': dict(cosine_epochs=650)}},
 }
-"""The original assignment's settings (2021 handout and starter code), the same for both variants.
+"""The original assignment's settings (2021 handout and starter code), each later variant's as its year had them.
 
 Its cosine is fixed in tokens, 200 epochs of whole blocks of the
 pretraining corpus, for every stage: a longer or shorter run leaves it as it is.
+The perceiver's year (2023) kept all of it. RoPE's (2024) changed one
+number: pretraining's cosine ends at 650 epochs, the run's length, instead
+of reaching its floor at epoch 200 and rising again.
 """
+
+FAITHFUL_2024 = dict(FAITHFUL, pretrain=dict(FAITHFUL['pretrain'], cosine_epochs=650))
+"""The faithful recipe with the 2024 pretraining schedule for every variant: vanilla as that year ran it."""
 
 LAPTOP = {
     'model': dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0),
@@ -42,7 +54,9 @@ LAPTOP = {
                      cosine_width=BLOCK_SIZE - 1, first_step_lr='scheduled', precision='auto'),
     'finetune_scratch': dict(FAITHFUL['finetune_scratch'], precision='auto'),
     'finetune_pretrained': dict(FAITHFUL['finetune_pretrained'], precision='auto'),
-    'variants': {'synthesizer': {'pretrain': dict(max_epochs=320)}},
+    'variants': {'synthesizer': {'pretrain': dict(max_epochs=320)},
+                 'perceiver': {'model': dict(bottleneck_dim=BOTTLENECK_DIM), 'pretrain': dict(max_epochs=230)},
+                 'rope': {'pretrain': dict(max_epochs=230)}},
 }
 """A recipe sized for a 2-core CPU (EXPERIMENTS.md has the runs behind it).
 
@@ -54,9 +68,11 @@ at 10% of the peak rate, 80% of the way through. A warmup over 100 batches
 starts at the first step: a first step at the full rate, as the original
 takes it, holds this model's loss 0.1-0.3 higher over its first 1,000
 steps. Weight decay stays the faithful 0.1. Finetuning is the faithful one.
+The perceiver and rope pretrain for vanilla's 230 epochs, the same number of
+steps (no laptop runs of theirs yet; docs/variants.md has 300-step ones).
 """
 
-RECIPES = {'faithful': FAITHFUL, 'laptop': LAPTOP}
+RECIPES = {'faithful': FAITHFUL, 'faithful-2024': FAITHFUL_2024, 'laptop': LAPTOP}
 STAGES = ('pretrain', 'finetune_scratch', 'finetune_pretrained')
 
 

@@ -76,6 +76,8 @@ OVERRIDES = {
     'n_head': ('model', dict(type=int, help='attention heads per block')),
     'n_embd': ('model', dict(type=int, help='embedding width')),
     'dropout': ('model', dict(type=float, help='embd_pdrop, resid_pdrop and attn_pdrop at once')),
+    'bottleneck_dim': ('model', dict(type=int, help=f'the perceiver only: positions m of its middle blocks '
+                                                    f'(default {recipes.BOTTLENECK_DIM})')),
 }
 
 
@@ -90,7 +92,8 @@ def build_parser():
     parser = ArgumentParser(prog='run.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('function', choices=['pretrain', 'finetune', 'evaluate'],
                         help='whether to pretrain, finetune or evaluate a model')
-    parser.add_argument('variant', choices=list(recipes.VARIANTS), help='which attention to use')
+    parser.add_argument('variant', choices=list(recipes.VARIANTS),
+                        help='the model: vanilla, synthesizer (2021), perceiver (2023) or rope (2024)')
     parser.add_argument('pretrain_corpus_path', help='pretraining text; it also defines the vocabulary')
     parser.add_argument('--reading_params_path', help='params file to load first')
     parser.add_argument('--writing_params_path', help='where to save the trained params')
@@ -103,7 +106,9 @@ def build_parser():
                              "'stripped': no newline in any prompt (docs/test-prompts.md)")
     extra = parser.add_argument_group('recipe and overrides (defaults: the original settings)')
     extra.add_argument('--recipe', choices=sorted(recipes.RECIPES), default='faithful',
-                       help="hyperparameter set: 'faithful' (the original) or 'laptop' (sized for a CPU)")
+                       help="hyperparameter set: 'faithful' (the original, and each later variant's year), "
+                            "'faithful-2024' (with 2024's pretraining schedule for every variant) or "
+                            "'laptop' (sized for a CPU)")
     for name, (_, keywords) in OVERRIDES.items():
         extra.add_argument('--' + name, **keywords)
     extra.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
@@ -142,6 +147,9 @@ def settings_for(args, n_documents, device):
         stage = 'finetune_pretrained' if args.reading_params_path else 'finetune_scratch'
     model_settings, train_settings = recipes.settings(args.recipe, args.variant, stage, n_documents, device,
                                                       args.max_epochs)
+    if args.bottleneck_dim is not None and 'bottleneck_dim' not in model_settings:
+        raise checks.BadInput(f'--bottleneck_dim is a setting of the perceiver only, not of {args.variant}',
+                              checks.USAGE)
     for name, (where, _) in OVERRIDES.items():
         value = getattr(args, name)
         if value is None:
@@ -171,7 +179,8 @@ def input_paths(args):
 
 def build_model(args, vocab_size, model_settings, device):
     """The GPT of this run, with the --reading_params_path params (checked to fit) when given."""
-    checks.check_model_size(model_settings, vocab_size, BLOCK_SIZE, training=args.function != 'evaluate')
+    checks.check_model_size({**recipes.VARIANTS[args.variant], **model_settings}, vocab_size, BLOCK_SIZE,
+                            training=args.function != 'evaluate')
     config = model.GPTConfig(vocab_size, BLOCK_SIZE, **recipes.VARIANTS[args.variant], **model_settings)
     gpt = model.GPT(config)
     if args.reading_params_path:
@@ -200,7 +209,7 @@ def run(args):
     checks.check_corpus(corpus, args.pretrain_corpus_path)
     pretrain_dataset = dataset.CharCorruptionDataset(corpus, BLOCK_SIZE)
     model_settings, train_settings = settings_for(args, len(pretrain_dataset), device)
-    checks.check_settings(model_settings, train_settings, processes=distributed.world_size())
+    checks.check_settings(model_settings, train_settings, processes=distributed.world_size(), block_size=BLOCK_SIZE)
     checks.check_outputs(output_paths(args), input_paths(args))
 
     if args.function == 'evaluate':
