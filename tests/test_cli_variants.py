@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-
 from test_cli import N_DOCS, TINY, ok, recipe_items, run_cli
 
 pytestmark = pytest.mark.usefixtures('single_thread')
