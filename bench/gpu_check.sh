@@ -18,6 +18,9 @@
 #                 less 20 s
 #   bench.log     bench/gpu_step.py (the default step against each fast-path flag), only with
 #                 60 s or more of the budget left, limited to what is left
+# The 2021 variants' pipeline fits a 540 s budget on an H200 (370 s there, 2026-11-28); the later
+# years' run the same way as a second check:
+#     GPU_CHECK_PIPELINE_ARGS="--variants perceiver,rope --seeds 0" bash bench/gpu_check.sh OUTDIR2
 # A part past its limit gets SIGTERM (training steps save a checkpoint), and the next one runs.
 # GPU_CHECK_PIPELINE_ARGS and GPU_CHECK_BENCH_ARGS add arguments (the CPU dry run in
 # tests/test_gpu_check.py uses them, GPU_CHECK_FLAGS and GPU_CHECK_TESTS for tiny runs).
