@@ -153,8 +153,13 @@ def main(argv=None):
                 if unknown:
                     raise checks.BadInput(f'the question {question!r} has characters the vocabulary lacks: {unknown}')
                 chars, answer, layers = attention_weights(gpt, pretrain_dataset, question)
+                if not layers:  # a perceiver with no middle blocks: its cross-attention is not drawn
+                    print(f'attention_map.py: {variant} has no self-attention layer to draw; left out')
+                    continue
                 said = f'answers {answer!r}' + (f' (gold: {gold!r})' if gold else '')
                 blocks.append((f'{variant}: {question} {said}', chars, layers))
+        if not blocks:
+            raise checks.BadInput('no model has a self-attention layer to draw')
     except checks.BadInput as e:
         sys.exit(f'attention_map.py: error: {e}')
     draw(blocks, args.output)

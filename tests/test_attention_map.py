@@ -147,3 +147,26 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(tiny_params, tmp_path, args, 
     assert result.stderr.count('\n') == 1 and 'Traceback' not in result.stderr, result.stderr
     assert message in result.stderr
     assert not (tmp_path / 'a.png').exists()
+
+
+def test_a_perceiver_without_middle_blocks_is_left_out_with_a_line(tiny_params, tmp_path):
+    """With n_layer 2 the perceiver has only its cross-attention blocks, which are not drawn."""
+    pytest.importorskip('matplotlib')
+    torch.manual_seed(0)
+    corpus = os.path.join(ROOT, 'wiki.txt')
+    _, pretrain_dataset = attention_map.load('vanilla', tiny_params['vanilla'], corpus, TINY)
+    config = model.GPTConfig(pretrain_dataset.vocab_size, 128, n_layer=2, n_head=2, n_embd=16, perceiver=True,
+                             bottleneck_dim=32)  # the recipe's default, so the flags below fit both models
+    perceiver = str(tmp_path / 'perceiver.params')
+    torch.save(model.GPT(config).state_dict(), perceiver)
+    flags = TINY
+    out = tmp_path / 'both.png'
+    result = run('--model', 'perceiver', perceiver, '--model', 'vanilla', tiny_params['vanilla'], '--dev', '1',
+                 '--output', str(out), '--', *flags)
+    assert result.returncode == 0, result.stderr
+    assert 'perceiver has no self-attention layer to draw; left out' in result.stdout
+    assert out.read_bytes()[:4] == b'\x89PNG'
+    alone = run('--model', 'perceiver', perceiver, '--dev', '1', '--output', str(tmp_path / 'a.png'), '--', *flags)
+    assert alone.returncode != 0 and alone.stderr.count('\n') == 1 and 'Traceback' not in alone.stderr
+    assert 'no model has a self-attention layer to draw' in alone.stderr
+    assert not (tmp_path / 'a.png').exists()
