@@ -260,7 +260,7 @@ class FixedShapeStep:
         return self.loss.clone()
 
     def count(self, pieces, batch_tokens):
-        """The tokens the schedule counts (trainer.EagerStep.count): one process, so the batch's own."""
+        """The tokens the schedule counts (steps.EagerStep.count): one process, so the batch's own."""
         return batch_tokens
 
     def run(self, pieces):

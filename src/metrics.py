@@ -7,7 +7,7 @@ class MetricsLog:
 
     A step's loss is a float, written at once, or a pending value that the
     training step made: device tensors (gpu_path.FixedShapeStep) or this
-    process's share of a data-parallel loss (trainer.EagerStep). Pending
+    process's share of a data-parallel loss (steps.EagerStep). Pending
     records are held until `flush`, which turns all their losses into floats
     at once with the step's `resolve` (one host sync, or one all-reduce):
     each a float, or a dict of the values to check, 'loss' among them (the

@@ -179,9 +179,9 @@ def input_paths(args):
 
 def build_model(args, vocab_size, model_settings, device):
     """The GPT of this run, with the --reading_params_path params (checked to fit) when given."""
-    checks.check_model_size({**recipes.VARIANTS[args.variant], **model_settings}, vocab_size, BLOCK_SIZE,
-                            training=args.function != 'evaluate')
-    config = model.GPTConfig(vocab_size, BLOCK_SIZE, **recipes.VARIANTS[args.variant], **model_settings)
+    settings = dict(recipes.VARIANTS[args.variant], **model_settings)  # a recipe's or a flag's setting wins
+    checks.check_model_size(settings, vocab_size, BLOCK_SIZE, training=args.function != 'evaluate')
+    config = model.GPTConfig(vocab_size, BLOCK_SIZE, **settings)
     gpt = model.GPT(config)
     if args.reading_params_path:
         state = checks.load_tensors(args.reading_params_path, '--reading_params_path')

@@ -181,11 +181,10 @@ class Trainer:
                             self.checkpoint_if_due(stop)  # and on Ctrl-C, TrainingInterrupted after it
                         self.show(bar, self.log.flush())  # the losses still on the device, at last
                     self.end_epoch()  # the original's: the held-out loss, the state dict to ckpt_path
-        except TrainingDiverged:
-            self.log.flush()  # every process stops at the same step (their gradients are one): its lines
-            raise
         finally:
-            self.log.close(flush=not distributed.active())  # another process may be gone: no collective
+            # the held lines; with several processes they need the others, which after an error may be gone
+            # or elsewhere: a data-parallel run that stops on an error loses those since the last flush
+            self.log.close(flush=not distributed.active())
 
     def prepare(self):
         """The optimizer (a resumed run's, if any), the training step, the metrics log, the clocks; True when

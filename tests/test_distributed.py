@@ -18,7 +18,9 @@ import batching
 import checkpoint
 import checks
 import distributed
+import model
 import run
+import steps
 import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,6 +194,34 @@ def test_the_shares_of_every_rank_make_the_one_process_batches(name_dataset):
 def test_an_empty_share_is_one_pad_row_of_no_loss():
     pieces, tokens = batching.pieces_of(batching.collate_share([]), torch.device('cpu'), chunks=4, trim=True)
     assert tokens == 0 and len(pieces) == 1 and pieces[0][1].tolist() == [[0]]
+
+
+def test_a_data_parallel_step_sums_over_processes_once_and_its_losses_once_per_flush(monkeypatch, name_dataset):
+    """The counts (targets, schedule tokens) go in one all-reduce per step; the losses wait for the flush's one."""
+    calls = []
+
+    def fake_all_sum(values, device):  # as if the other process held the same share
+        calls.append(list(values))
+        return [2 * v for v in values]
+
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setattr(distributed, 'all_sum', fake_all_sum)
+    torch.manual_seed(0)
+    gpt = model.GPT(model.GPTConfig(256, 128, n_layer=1, n_head=2, n_embd=16))
+    optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-3)
+    step = steps.EagerStep(gpt, gpt, optimizer, 1.0, None, torch.device('cpu'), check=lambda what, value: None)
+    x, y = (torch.stack(t) for t in zip(*[name_dataset[i] for i in range(6)]))
+    pieces = [(x[:3], y[:3]), (x[3:], y[3:])]
+    shares = []
+    for _ in range(3):
+        assert step.count(pieces, 6 * 127) == 2 * 6 * 127  # the global batch's tokens
+        shares.append(step.run(pieces))
+    n_targets = int((y != 0).sum())
+    assert calls == [[n_targets, 6 * 127]] * 3  # one sum per step, before it
+    assert all(isinstance(share, steps.Share) and share.n_targets == 2 * n_targets for share in shares)
+    losses = step.resolve(shares)
+    assert calls[3:] == [[share.total for share in shares]]  # one sum for all three losses
+    assert losses == [2 * share.total / (2 * n_targets) for share in shares]
 
 
 def test_a_checkpoint_of_two_processes_gives_each_rank_its_random_states():
