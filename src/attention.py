@@ -38,6 +38,21 @@ def _append_to_cache(cache, name, t):
     return t
 
 
+def _key_query_value(module, config):
+    """The layers and mask that key-query-value attention (self or cross) gives `module`, named as the original."""
+    assert config.n_embd % config.n_head == 0
+    module.key = nn.Linear(config.n_embd, config.n_embd)
+    module.query = nn.Linear(config.n_embd, config.n_embd)
+    module.value = nn.Linear(config.n_embd, config.n_embd)
+    module.attn_drop = nn.Dropout(config.attn_pdrop)
+    module.resid_drop = nn.Dropout(config.resid_pdrop)
+    module.proj = nn.Linear(config.n_embd, config.n_embd)
+    module.register_buffer("mask", torch.tril(torch.ones(config.block_size, config.block_size))
+                           .view(1, 1, config.block_size, config.block_size))
+    module.n_head = config.n_head
+    module.fused = getattr(config, 'fused_attention', True)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head masked self-attention: softmax(Q K^T / sqrt(d/h)) V per head, then a projection."""
 
@@ -45,17 +60,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.key = nn.Linear(config.n_embd, config.n_embd)
-        self.query = nn.Linear(config.n_embd, config.n_embd)
-        self.value = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_drop = nn.Dropout(config.attn_pdrop)
-        self.resid_drop = nn.Dropout(config.resid_pdrop)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.register_buffer("mask", torch.tril(torch.ones(config.block_size, config.block_size))
-                             .view(1, 1, config.block_size, config.block_size))
-        self.n_head = config.n_head
-        self.fused = getattr(config, 'fused_attention', True)
+        _key_query_value(self, config)
         self.rope = getattr(config, 'rope', False)
         if self.rope:  # RoPE (2024): q and k rotated by position, no position embedding
             head_size = config.n_embd // config.n_head
@@ -182,17 +187,7 @@ class CausalCrossAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.key = nn.Linear(config.n_embd, config.n_embd)
-        self.query = nn.Linear(config.n_embd, config.n_embd)
-        self.value = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_drop = nn.Dropout(config.attn_pdrop)
-        self.resid_drop = nn.Dropout(config.resid_pdrop)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.register_buffer("mask", torch.tril(torch.ones(config.block_size, config.block_size))
-                             .view(1, 1, config.block_size, config.block_size))
-        self.n_head = config.n_head
-        self.fused = getattr(config, 'fused_attention', True)
+        _key_query_value(self, config)
 
     def forward(self, x_kv, x_q):
         Tq, Tk = x_q.size(1), x_kv.size(1)

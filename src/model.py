@@ -40,6 +40,16 @@ class GPTConfig:
             setattr(self, k, v)
 
 
+def mlp(config):
+    """The feed-forward part of every block: d -> 4d -> GELU -> d, then dropout."""
+    return nn.Sequential(
+        nn.Linear(config.n_embd, 4 * config.n_embd),
+        nn.GELU(),
+        nn.Linear(4 * config.n_embd, config.n_embd),
+        nn.Dropout(config.resid_pdrop),
+    )
+
+
 class Block(nn.Module):
     """x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
@@ -49,12 +59,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         attention_class = attention.SynthesizerAttention if config.synthesizer else attention.CausalSelfAttention
         self.attn = attention_class(config)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.GELU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.resid_pdrop),
-        )
+        self.mlp = mlp(config)
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln1(x), cache)
@@ -74,12 +79,7 @@ class DownProjectBlock(nn.Module):
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.attn = attention.CausalCrossAttention(config)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.GELU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.resid_pdrop),
-        )
+        self.mlp = mlp(config)
         self.C = nn.Parameter(torch.empty(1, config.bottleneck_dim, config.n_embd))
         nn.init.xavier_uniform_(self.C)
 
@@ -101,12 +101,7 @@ class UpProjectBlock(nn.Module):
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.attn = attention.CausalCrossAttention(config)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.GELU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.resid_pdrop),
-        )
+        self.mlp = mlp(config)
 
     def forward(self, y, x_input):
         x = x_input + self.attn(self.ln1(y), x_input)
