@@ -67,12 +67,8 @@ class Block(nn.Module):
         return x
 
 
-class DownProjectBlock(nn.Module):
-    """The perceiver's first block: from the input's length l down to m = bottleneck_dim positions.
-
-    The learned basis C (1, m, d) cross-attends, as queries after ln1, to the
-    input; then y + mlp(ln2(y)). C is the residual stream: y = C + attn(...).
-    """
+class CrossBlock(nn.Module):
+    """What both perceiver projection blocks hold: ln1, ln2, a cross-attention and an MLP."""
 
     def __init__(self, config):
         super().__init__()
@@ -80,6 +76,17 @@ class DownProjectBlock(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.attn = attention.CausalCrossAttention(config)
         self.mlp = mlp(config)
+
+
+class DownProjectBlock(CrossBlock):
+    """The perceiver's first block: from the input's length l down to m = bottleneck_dim positions.
+
+    The learned basis C (1, m, d) cross-attends, as queries after ln1, to the
+    input; then y + mlp(ln2(y)). C is the residual stream: y = C + attn(...).
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
         self.C = nn.Parameter(torch.empty(1, config.bottleneck_dim, config.n_embd))
         nn.init.xavier_uniform_(self.C)
 
@@ -88,20 +95,13 @@ class DownProjectBlock(nn.Module):
         return y + self.mlp(self.ln2(y))
 
 
-class UpProjectBlock(nn.Module):
+class UpProjectBlock(CrossBlock):
     """The perceiver's last block: from m positions back up to the input's l.
 
     The input positions cross-attend, as queries, to the bottleneck y (keys and
     values, after ln1); then x + mlp(ln2(x)). The input is the residual
     stream: x = x_input + attn(...).
     """
-
-    def __init__(self, config):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd)
-        self.ln2 = nn.LayerNorm(config.n_embd)
-        self.attn = attention.CausalCrossAttention(config)
-        self.mlp = mlp(config)
 
     def forward(self, y, x_input):
         x = x_input + self.attn(self.ln1(y), x_input)
