@@ -17,19 +17,19 @@ PRECISIONS = ('fp32', 'bf16', 'auto', 'tf32')  # 'auto': bf16 on a GPU that supp
 
 
 def autocast_dtype(precision, device):
-    """The autocast dtype for a precision setting, or None for plain fp32.
-
-    'tf32' keeps fp32 tensors but lets a CUDA GPU multiply them in TF32, as
-    PyTorch 1.7-1.11 did by default on Ampere GPUs (the original's era); it
-    changes nothing on a CPU.
-    """
+    """The autocast dtype for a precision setting, or None for fp32 tensors ('fp32', and 'tf32': see allow_tf32)."""
     utils.check_choice('precision', precision, PRECISIONS)
-    if precision == 'tf32' and device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     if precision == 'bf16' or (precision == 'auto' and device.type == 'cuda' and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return None
+
+
+def allow_tf32(precision, device):
+    """With 'tf32' on a CUDA GPU, let this process multiply fp32 tensors in TF32, as PyTorch 1.7-1.11 did
+    by default on Ampere GPUs (the original's era). Every other setting and device is left as it is."""
+    if precision == 'tf32' and device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def loss_sum(forward, x, y, amp_dtype):

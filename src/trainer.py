@@ -118,6 +118,7 @@ class Trainer:
         self.model.to(self.device)
         self.forward = self.model  # compiled by train() with config.compile
         self.amp_dtype = steps.autocast_dtype(config.precision, self.device)
+        steps.allow_tf32(config.precision, self.device)
         self.optimizer = None
         self.callbacks = defaultdict(list)
         # The shuffling (and DataLoader worker seeds) come from a generator of

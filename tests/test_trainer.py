@@ -57,6 +57,7 @@ def test_autocast_dtype_settings():
     assert steps.autocast_dtype('auto', cpu) is None     # bf16 on a CPU only when asked
     assert steps.autocast_dtype('bf16', cpu) == torch.bfloat16
     assert steps.autocast_dtype('tf32', cpu) is None     # fp32 tensors; TF32 products only on a CUDA GPU
+    steps.allow_tf32('tf32', cpu)
     assert not torch.backends.cuda.matmul.allow_tf32       # and a CPU run leaves the CUDA setting alone
     with pytest.raises(ValueError):
         steps.autocast_dtype('fp16x', cpu)
