@@ -21,6 +21,22 @@ PAD_CHAR = '\u25A1'
 MASK_CHAR = '\u2047'
 
 
+# A tiny pipeline: run.py flags for every step, and the files one seed's sequences leave.
+PIPELINE_TINY = ['--max_steps', '2', '--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--quiet']
+PIPELINE_OUTPUTS = ['vanilla.model.params', 'vanilla.nopretrain.dev.predictions',
+                    'vanilla.nopretrain.test.predictions', 'vanilla.pretrain.params', 'vanilla.finetune.params',
+                    'vanilla.pretrain.dev.predictions', 'vanilla.pretrain.test.predictions',
+                    'synthesizer.pretrain.params', 'synthesizer.finetune.params',
+                    'synthesizer.pretrain.dev.predictions', 'synthesizer.pretrain.test.predictions']
+
+
+def run_pipeline(*args, timeout=900):
+    """pipeline.py with these arguments, on the CPU with one thread."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'pipeline.py'), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def read(name):
     with open(os.path.join(ROOT, name), encoding='utf-8') as f:
         return f.read()

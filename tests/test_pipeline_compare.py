@@ -4,7 +4,6 @@ One tiny comparison (two variants, two seeds, two jobs) is shared by the
 tests that look at its outputs.
 """
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,18 +12,9 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 sys.path.insert(0, ROOT)
 import compare  # noqa: E402
 import pipeline  # noqa: E402
-
-TINY = ['--max_steps', '2', '--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--quiet']
-PER_SEED = ['vanilla.model.params', 'vanilla.nopretrain.dev.predictions', 'vanilla.nopretrain.test.predictions',
-            'vanilla.pretrain.params', 'vanilla.finetune.params', 'vanilla.pretrain.dev.predictions',
-            'vanilla.pretrain.test.predictions', 'synthesizer.pretrain.params', 'synthesizer.finetune.params',
-            'synthesizer.pretrain.dev.predictions', 'synthesizer.pretrain.test.predictions']
-
-
-def run_pipeline(*args):
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'pipeline.py'), *args],
-                          capture_output=True, text=True, env=env, timeout=900)
+from conftest import PIPELINE_OUTPUTS as PER_SEED  # noqa: E402
+from conftest import PIPELINE_TINY as TINY  # noqa: E402
+from conftest import run_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope='module')

@@ -6,7 +6,6 @@ look at its outputs; the failure test reruns part of a copy of it.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -16,19 +15,11 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 sys.path.insert(0, ROOT)
 import pipeline  # noqa: E402
 import scheduler  # noqa: E402
+from conftest import PIPELINE_OUTPUTS as OUTPUTS  # noqa: E402
+from conftest import PIPELINE_TINY as TINY  # noqa: E402
+from conftest import run_pipeline  # noqa: E402
 
-TINY = ['--max_steps', '2', '--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--quiet']
-OUTPUTS = ['vanilla.model.params', 'vanilla.nopretrain.dev.predictions', 'vanilla.nopretrain.test.predictions',
-           'vanilla.pretrain.params', 'vanilla.finetune.params', 'vanilla.pretrain.dev.predictions',
-           'vanilla.pretrain.test.predictions', 'synthesizer.pretrain.params', 'synthesizer.finetune.params',
-           'synthesizer.pretrain.dev.predictions', 'synthesizer.pretrain.test.predictions']
 LOGS = ['london.log', 'vanilla-nopretrain.log', 'vanilla-pretrain.log', 'synthesizer-pretrain.log']
-
-
-def run_pipeline(*args):
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'pipeline.py'), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope='module')
