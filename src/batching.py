@@ -7,8 +7,8 @@ cutting leaves the math as it is:
   attention is causal);
 - with `chunks > 1` each batch is sorted by length and run as that many
   trimmed pieces (less padding, less memory);
-- `batching='stratified'` changes which examples share a batch, so it is
-  off by default: the whole epoch, sorted by length, is dealt into batches
+- `batching='stratified'` changes which examples share a batch, so only
+  the laptop recipe uses it: the whole epoch, sorted by length, is dealt into batches
   of `chunks` pieces of similar length.
 `epoch_batches` builds one epoch's batches from its arguments alone. With
 several processes (torchrun), every process draws the same order and takes

@@ -94,7 +94,8 @@ def check_settings(model_settings, train_settings, processes=1, block_size=None)
             raise BadInput(f'--dropout must be in [0, 1), got {settings[name]}', USAGE)
     if processes > 1:
         if settings.get('batching') == 'stratified':
-            raise BadInput('--batching stratified runs in one process only; leave it out under torchrun', USAGE)
+            raise BadInput('--batching stratified (the laptop recipe\'s) runs in one process only; '
+                           'pass --batching random under torchrun', USAGE)
         if settings.get('data_path', 'loader') != 'loader' or settings.get('train_step', 'default') != 'default':
             raise BadInput('--data_path device and --train_step fixed|graph run in one process only; '
                            'leave them out under torchrun', USAGE)

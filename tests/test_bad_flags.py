@@ -112,7 +112,9 @@ def test_bad_settings(tmp_path, capsys, extra, words):
 
 
 @pytest.mark.parametrize('extra, words', [
-    (['--batching', 'stratified'], ['--batching stratified runs in one process only; leave it out under torchrun']),
+    (['--batching', 'stratified'], ["--batching stratified (the laptop recipe's) runs in one process only",
+                                 'pass --batching random under torchrun']),
+    (['--recipe', 'laptop'], ["--batching stratified (the laptop recipe's) runs in one process only"]),
     (['--data_path', 'device'], ['--data_path device and --train_step fixed|graph run in one process only']),
     (['--train_step', 'fixed'], ['--data_path device and --train_step fixed|graph run in one process only']),
 ])

@@ -40,7 +40,7 @@ def test_laptop_recipe_changes_model_and_pretraining_only_where_it_says():
                                          '--recipe', 'laptop'])
     assert model_settings == dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
     assert pretrain == dict(faithful_pretrain, max_epochs=230, warmup_tokens=100 * 128 * 127, first_step_lr='scheduled',
-                            final_tokens=230 * N_DOCS * 127, precision='auto')
+                            final_tokens=230 * N_DOCS * 127, precision='auto', batching='stratified')
     assert 'first_step_lr' not in faithful_pretrain  # the original: the trainer's default, 'full'
     for function_args in (['--finetune_corpus_path', 'f'],
                           ['--finetune_corpus_path', 'f', '--reading_params_path', 'r']):
