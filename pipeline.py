@@ -1,6 +1,6 @@
 """The whole experiment: London baseline, the three model sequences, dev and test predictions.
 
-    python pipeline.py [--recipe faithful|laptop] [--outdir DIR] [--jobs N] [-- extra run.py flags]
+    python pipeline.py [--recipe faithful|faithful-2024|laptop] [--outdir DIR] [--jobs N] [-- extra run.py flags]
     python pipeline.py --variants vanilla,synthesizer --seeds 0,1,2 [--recipe ...] [--jobs N] [-- ...]
 
 Runs the assignment's command sequences through src/run.py:
@@ -24,7 +24,8 @@ matplotlib is installed, the pretraining loss curves in pretrain_loss.png.
 
 The recipe defaults to 'faithful' (the original settings) on a machine with a
 CUDA GPU and to 'laptop' otherwise; the faithful outputs go to the repo root
-under the assignment's file names, the laptop ones to laptop/.
+under the assignment's file names, the others' to a folder named for the
+recipe (laptop/, faithful-2024/).
 
 A comparison (--variants and/or --seeds; defaults vanilla,synthesizer and 0)
 runs, for each seed, the no-pretraining sequence and each variant's, every
@@ -176,9 +177,9 @@ def interrupt(signum, frame):
 def build_parser(has_gpu):
     parser = ArgumentParser(prog='pipeline.py', description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--recipe', choices=['faithful', 'laptop'], default='faithful' if has_gpu else 'laptop')
-    parser.add_argument('--outdir', help="where params and predictions go (default: '.' for faithful, "
-                                         "'laptop' for laptop; a comparison in comparison/ under it)")
+    parser.add_argument('--recipe', choices=list(recipes.RECIPES), default='faithful' if has_gpu else 'laptop')
+    parser.add_argument('--outdir', help="where params and predictions go (default: '.' for faithful, the "
+                                         "recipe's name for the others; a comparison in comparison/ under it)")
     parser.add_argument('--jobs', type=positive_int,
                         help='sequences run at once, each step in its own process (default: up to four on a '
                              'machine with a CUDA GPU, 1 otherwise)')
@@ -198,7 +199,7 @@ def main():
     if comparing and any(flag == '--seed' or flag.startswith('--seed=') for flag in args.extra):
         parser.error('--seed among the run.py flags: with --seeds or --variants each sequence gets its own')
     variants, seeds = args.variants or list(VARIANTS), args.seeds or [0]
-    out = args.outdir or ('.' if args.recipe == 'faithful' else 'laptop')
+    out = args.outdir or ('.' if args.recipe == 'faithful' else args.recipe)
     if comparing and not args.outdir:
         out = os.path.join(out, 'comparison')
     os.chdir(ROOT)
@@ -244,7 +245,7 @@ def main():
 def finish_comparison(results, out, variants, seeds, args, jobs, runner, pipeline_command):
     """results.md (left as it was when every step was done), the table on stdout, the curves, the attention maps."""
     if runner.ran == 0 and os.path.exists(results):
-        table = compare.comparison(out, variants, seeds)
+        table = compare.comparison(out, variants, seeds, args.recipe)
         print(f'\nEvery step was already done: {results} left as it was (delete it to write it again)')
     else:
         table = compare.write_results(results, out, variants, seeds, args.recipe, jobs, runner, pipeline_command)

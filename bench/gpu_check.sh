@@ -12,18 +12,23 @@
 #   tests.log     the CUDA tests of tests/test_gpu_path.py and tests/test_divergence.py (pytest -k cuda:
 #                 CUDA graphs, the fixed and graph steps on the GPU, divergence caught on the GPU), beside
 #                 the pipeline, limit 120 s; GPU_CHECK_TESTS replaces the pytest arguments
-#   pipeline.log  pipeline.py --recipe faithful --jobs 4 on the default GPU step, the flags in
-#                 GPU_CHECK_FLAGS (default: --precision tf32) added; outputs in OUTDIR/faithful/:
-#                 predictions as each evaluation ends, results.md at the end; limit: the budget
-#                 less 20 s
+#   pipeline.log  the 2021 variants: pipeline.py --recipe faithful --jobs 4 on the default GPU step, the
+#                 flags in GPU_CHECK_FLAGS (default: --precision tf32) added; outputs in OUT/faithful/:
+#                 predictions as each evaluation ends, results.md at the end (copied to OUT/results.md);
+#                 limit: the budget less 20 s
+#   pipeline-2024.log, pipeline-2023.log  the later years, started just after the 2021 pipeline, in this
+#                 order, to run beside it with the same flags and limit: rope and vanilla under the 2024 schedule
+#                 (pipeline.py --recipe faithful-2024 --variants vanilla,rope), then the perceiver
+#                 (--recipe faithful --variants perceiver); outputs in OUT/faithful-2024/ and
+#                 OUT/faithful-2023/, results copied to OUT/results-2024.md and results-2023.md.
+#                 GPU_CHECK_YEARS (default "2024 2023") names the later years to run; "" runs 2021 alone
 #   bench.log     bench/gpu_step.py (the default step against each fast-path flag), only with
 #                 60 s or more of the budget left, limited to what is left
-# The 2021 variants' pipeline fits a 540 s budget on an H200 (370 s there, 2026-11-28); the later
-# years' run the same way as a second check:
-#     GPU_CHECK_PIPELINE_ARGS="--variants perceiver,rope --seeds 0" bash bench/gpu_check.sh OUTDIR2
-# A part past its limit gets SIGTERM (training steps save a checkpoint), and the next one runs.
-# GPU_CHECK_PIPELINE_ARGS and GPU_CHECK_BENCH_ARGS add arguments (the CPU dry run in
-# tests/test_gpu_check.py uses them, GPU_CHECK_FLAGS and GPU_CHECK_TESTS for tiny runs).
+# On an H200 the 2021 pipeline alone took 370 s (2026-11-28), its two pretrainings 17 ms a step while
+# sharing the GPU; every year at once puts five pretrainings on the GPU. A part past its limit gets
+# SIGTERM (training steps save a checkpoint), and what it finished stays. GPU_CHECK_BENCH_ARGS adds
+# arguments to the bench (the CPU dry run in tests/test_gpu_check.py uses it, GPU_CHECK_FLAGS and
+# GPU_CHECK_TESTS for tiny runs).
 set -u
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then echo "usage: bash bench/gpu_check.sh OUTDIR [SECONDS]" >&2; exit 2; fi
 cd "$(dirname "$0")/.."
@@ -62,11 +67,29 @@ TESTS_ARGS=${GPU_CHECK_TESTS:-tests/test_gpu_path.py tests/test_divergence.py -k
 part tests 120 "$PY" -m pytest -q -p no:cacheprovider $TESTS_ARGS &
 TESTS=$!
 
-# shellcheck disable=SC2086  # FLAGS and the extra arguments are word lists
-part pipeline $((BUDGET - 20)) "$PY" pipeline.py --recipe faithful --jobs 4 --outdir "$OUT/faithful" \
-  ${GPU_CHECK_PIPELINE_ARGS:-} -- $FLAGS
+# The years in their order of priority: 2021 first (the proven pipeline), then each later year beside it.
+# shellcheck disable=SC2086  # FLAGS is a word list
+part pipeline $((BUDGET - 20)) "$PY" pipeline.py --recipe faithful --jobs 4 --outdir "$OUT/faithful" -- $FLAGS &
+PIPELINES=("$!")
+later_year() {  # later_year YEAR: that year's variants in a pipeline of their own
+  local recipe=faithful variants=perceiver
+  [ "$1" = 2024 ] && recipe=faithful-2024 variants=vanilla,rope
+  # shellcheck disable=SC2086  # FLAGS is a word list
+  OMP_NUM_THREADS=2 part "pipeline-$1" $((BUDGET - 20)) "$PY" pipeline.py --recipe $recipe --variants $variants \
+    --seeds 0 --jobs 3 --outdir "$OUT/faithful-$1" -- $FLAGS
+}
+for year in ${GPU_CHECK_YEARS-2024 2023}; do
+  case $year in
+    2024|2023) later_year "$year" & PIPELINES+=("$!") ;;
+    *) echo "years: no year $year in GPU_CHECK_YEARS (2024, 2023)" >> "$SUMMARY" ;;
+  esac
+done
+for pid in "${PIPELINES[@]}"; do wait "$pid"; done
 [ -f "$OUT/faithful/results.md" ] && cp "$OUT/faithful/results.md" "$OUT/results.md"
-rm -f "$OUT"/faithful/*.ckpt
+for year in 2024 2023; do
+  [ -f "$OUT/faithful-$year/results.md" ] && cp "$OUT/faithful-$year/results.md" "$OUT/results-$year.md"
+done
+rm -f "$OUT"/faithful*/*.ckpt "$OUT"/faithful*/seed*/*.ckpt
 wait $TESTS
 
 LEFT=$((BUDGET - SECONDS - 5))

@@ -117,3 +117,8 @@ def test_the_pipeline_comparison_table_from_the_gpu_runs_laid_out_as_pipeline_wr
             '| 437 | — | well below 10% dev |') in lines
     assert '| A = vanilla, B = synthesizer | 130 | 47 | 3.4e-10 |' in lines
     assert len([line for line in lines if line.startswith('| A = ')]) == 3
+    # the same runs read as the 2024 recipe's: vanilla's bar is that year's
+    lines_2024 = compare.comparison(str(tmp_path), ['vanilla', 'synthesizer'], [0, 1], 'faithful-2024')
+    assert [line.rsplit('|', 2)[1] for line in lines_2024 if line.startswith('| vanilla, pretrain')] == \
+        [' at least 15% dev (2024) ']
+    assert [a for a, b in zip(lines, lines_2024) if a != b] == [lines[2]]

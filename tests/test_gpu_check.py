@@ -16,12 +16,15 @@ import pytest
 from conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, 'bench', 'gpu_check.sh')
-TINY_FLAGS = '--max_steps 2 --n_layer 1 --n_head 2 --n_embd 16 --batch_size 8 --quiet'
+TINY_FLAGS = '--max_steps 2 --n_layer 2 --n_head 2 --n_embd 16 --batch_size 8 --quiet'  # the perceiver needs 2
 PREDICTIONS = {'vanilla.nopretrain.dev.predictions': 500, 'vanilla.nopretrain.test.predictions': 437,
                'vanilla.pretrain.dev.predictions': 500, 'vanilla.pretrain.test.predictions': 437,
                'synthesizer.pretrain.dev.predictions': 500, 'synthesizer.pretrain.test.predictions': 437}
 PARAMS = ['vanilla.model.params', 'vanilla.pretrain.params', 'vanilla.finetune.params',
           'synthesizer.pretrain.params', 'synthesizer.finetune.params']
+# the later years: (folder, its results file, the variants of its comparison, vanilla's bar that year)
+LATER_YEARS = [('faithful-2024', 'results-2024.md', ['vanilla', 'rope'], 'at least 15% dev (2024)'),
+               ('faithful-2023', 'results-2023.md', ['perceiver'], None)]
 
 
 def dry_run(out, budget, pipeline_flags=TINY_FLAGS):
@@ -70,7 +73,8 @@ def test_dry_run_leaves_every_part_and_the_faithful_results(tmp_path):
     assert any(line.startswith('torch ') for line in lines)
     assert f'budget: 400 s; pipeline flags: {TINY_FLAGS}' in lines
     assert re.fullmatch(r'tests: exit 0, \d+ s \(limit 120 s\)', part_line(lines, 'tests'))
-    assert re.fullmatch(r'pipeline: exit 0, \d+ s \(limit 380 s\)', part_line(lines, 'pipeline'))
+    for part in ('pipeline', 'pipeline-2024', 'pipeline-2023'):
+        assert re.fullmatch(rf'{part}: exit 0, \d+ s \(limit 380 s\)', part_line(lines, part))
     assert re.fullmatch(r'bench: exit 0, \d+ s \(limit \d+ s\)', part_line(lines, 'bench'))
     assert re.fullmatch(rf'done: {re.escape(str(out))} after \d+ s', lines[-1])
     assert result.stdout.splitlines() == lines   # the summary is printed at the end
@@ -95,19 +99,33 @@ def test_dry_run_leaves_every_part_and_the_faithful_results(tmp_path):
         assert (faithful / name).is_file(), name
     assert not list(out.rglob('*.ckpt'))
 
+    for folder, results_name, variants, vanilla_bar in LATER_YEARS:
+        results = (out / results_name).read_text()
+        assert results == (out / folder / 'results.md').read_text()
+        assert TINY_FLAGS in results and f'--variants {",".join(variants)} --seeds 0' in results
+        for variant in variants:
+            row = [line for line in results.splitlines() if line.startswith(f'| {variant}, pretrain + finetune | 1 |')]
+            assert len(row) == 1, results
+            for split, count in (('dev', 500), ('test', 437)):
+                predictions = out / folder / 'seed0' / f'{variant}.pretrain.{split}.predictions'
+                assert len(predictions.read_text(encoding='utf-8').split('\n')[:-1]) == count
+        if vanilla_bar:
+            assert vanilla_bar in results
+
 
 def test_a_part_past_its_limit_is_stopped_and_the_check_goes_on(tmp_path):
-    """Budget 22 s: the pipeline's limit is 2 s, so it is stopped (exit 124); the tests still end, the bench is
-    skipped for want of time, and the summary says all of it."""
+    """Budget 22 s: each year's pipeline has a limit of 2 s, so each is stopped (exit 124); the tests still end,
+    the bench is skipped for want of time, and the summary says all of it."""
     out = tmp_path / 'check'
     result = dry_run(out, 22)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = summary_lines(out)
-    assert re.fullmatch(r'pipeline: exit 124, \d+ s \(limit 2 s\)', part_line(lines, 'pipeline'))
+    for part in ('pipeline', 'pipeline-2024', 'pipeline-2023'):
+        assert re.fullmatch(rf'{part}: exit 124, \d+ s \(limit 2 s\)', part_line(lines, part))
     assert re.fullmatch(r'tests: exit 0, \d+ s \(limit 120 s\)', part_line(lines, 'tests'))
     assert re.fullmatch(r'bench: skipped, -?\d+ s left', part_line(lines, 'bench'))
     assert lines[-1].startswith('done: ')
-    assert not (out / 'results.md').exists() and not (out / 'bench.log').exists()
+    assert not list(out.glob('results*.md')) and not (out / 'bench.log').exists()
     assert not list(out.rglob('*.ckpt'))
 
 
