@@ -1,6 +1,7 @@
-"""Training-step time of the perceiver against vanilla at equal settings, as a ratio, in one process.
+"""Training-step time of each variant against vanilla at equal settings, as a ratio, in one process.
 
-    OMP_NUM_THREADS=1 python bench/perceiver_step.py [--bottleneck_dims 32 64] [--repeats 8] [--batch_size 64]
+    OMP_NUM_THREADS=1 python bench/variant_step.py [--variants rope perceiver synthesizer] [--bottleneck_dims 32 64]
+        [--repeats 8] [--batch_size 64]
 
 Each model (laptop width: 4 layers, 4 heads, d=128, no dropout; block 128)
 takes forward, backward and an AdamW step on the same full-length batch
@@ -26,15 +27,21 @@ LAPTOP_MODEL = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--bottleneck_dims', type=int, nargs='+', default=[32, 64])
+    parser.add_argument('--variants', nargs='+', default=['rope', 'perceiver'],
+                        choices=['rope', 'perceiver', 'synthesizer'], help='timed against vanilla')
+    parser.add_argument('--bottleneck_dims', type=int, nargs='+', default=[32, 64], help="the perceiver's m")
     parser.add_argument('--repeats', type=int, default=8)
     parser.add_argument('--batch_size', type=int, default=64)
     args = parser.parse_args()
     torch.manual_seed(0)
-    models = {'vanilla': model.GPT(model.GPTConfig(VOCAB, BLOCK_SIZE, **LAPTOP_MODEL))}
-    for m in args.bottleneck_dims:
-        models[f'perceiver m={m}'] = model.GPT(model.GPTConfig(VOCAB, BLOCK_SIZE, perceiver=True, bottleneck_dim=m,
-                                                               **LAPTOP_MODEL))
+    configs = {'vanilla': {}}
+    for variant in args.variants:
+        if variant == 'perceiver':
+            configs.update({f'perceiver m={m}': dict(perceiver=True, bottleneck_dim=m) for m in args.bottleneck_dims})
+        else:
+            configs[variant] = {variant: True}
+    models = {name: model.GPT(model.GPTConfig(VOCAB, BLOCK_SIZE, **LAPTOP_MODEL, **settings))
+              for name, settings in configs.items()}
     optimizers = {name: torch.optim.AdamW(gpt.parameters(), lr=1e-4) for name, gpt in models.items()}
     x = torch.randint(2, VOCAB, (args.batch_size, BLOCK_SIZE - 1))
     y = torch.randint(2, VOCAB, (args.batch_size, BLOCK_SIZE - 1))
