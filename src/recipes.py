@@ -23,7 +23,11 @@ VARIANTS = {
     'rope': {'rope': True},                # 2023-24
 }
 
-BOTTLENECK_DIM = 32  # the perceiver's --bottleneck_dim default, the 2023 starter's (its handout's commands give 64)
+# The perceiver's --bottleneck_dim default: the 2023 handout's commands give 64 (its starter code's own default
+# is 32). Position i sees the text only through bottleneck positions 0..min(i, m - 1), which see inputs up to
+# their own position: at 32, an answer character past position 31 (dev lines are 31-64 characters) sees the
+# first 32 characters and itself, not the answer's earlier characters.
+BOTTLENECK_DIM = 64
 
 _SCHEDULE = dict(lr_decay=True, warmup_tokens=512 * 20, cosine_epochs=200, cosine_width=BLOCK_SIZE)
 

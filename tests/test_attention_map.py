@@ -156,7 +156,7 @@ def test_a_perceiver_without_middle_blocks_is_left_out_with_a_line(tiny_params, 
     corpus = os.path.join(ROOT, 'wiki.txt')
     _, pretrain_dataset = attention_map.load('vanilla', tiny_params['vanilla'], corpus, TINY)
     config = model.GPTConfig(pretrain_dataset.vocab_size, 128, n_layer=2, n_head=2, n_embd=16, perceiver=True,
-                             bottleneck_dim=32)  # the recipe's default, so the flags below fit both models
+                             bottleneck_dim=64)  # the recipe's default, so the flags below fit both models
     perceiver = str(tmp_path / 'perceiver.params')
     torch.save(model.GPT(config).state_dict(), perceiver)
     flags = TINY

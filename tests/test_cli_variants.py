@@ -133,7 +133,7 @@ def test_each_variant_defaults_to_its_years_recipe():
     vanilla_model, vanilla = settings([a.format('vanilla') for a in pretrain])
     perceiver_model, perceiver = settings([a.format('perceiver') for a in pretrain])
     rope_model, rope = settings([a.format('rope') for a in pretrain])
-    assert perceiver_model == dict(vanilla_model, bottleneck_dim=32) and perceiver == vanilla  # 2023: 2021's
+    assert perceiver_model == dict(vanilla_model, bottleneck_dim=64) and perceiver == vanilla  # 2023: 2021's
     assert rope_model == vanilla_model
     assert rope == dict(vanilla, final_tokens=650 * N_DOCS * 128)  # 2024: the cosine spans the 650 epochs
     assert settings([a.format('perceiver') for a in pretrain] + ['--bottleneck_dim', '64'])[0]['bottleneck_dim'] == 64
@@ -159,4 +159,4 @@ def test_laptop_recipe_of_the_variants():
     for variant in ('perceiver', 'rope'):
         model_settings, pretrain = settings([a.format(variant) for a in argv])
         assert pretrain == vanilla and pretrain['max_epochs'] == 230
-        assert model_settings == (dict(vanilla_model, bottleneck_dim=32) if variant == 'perceiver' else vanilla_model)
+        assert model_settings == (dict(vanilla_model, bottleneck_dim=64) if variant == 'perceiver' else vanilla_model)
