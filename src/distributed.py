@@ -73,8 +73,14 @@ def init(device):
 
 
 def shutdown():
-    """Leave the process group (nothing when none was joined)."""
+    """Leave the process group (nothing when none was joined), every rank together.
+
+    The barrier first: a rank that tears down its gloo connections while
+    another still uses them can abort at exit ("terminate called without an
+    active exception"), which torchrun reports as a failed run.
+    """
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
