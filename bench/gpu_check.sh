@@ -71,11 +71,14 @@ TESTS=$!
 # shellcheck disable=SC2086  # FLAGS is a word list
 part pipeline $((BUDGET - 20)) "$PY" pipeline.py --recipe faithful --jobs 4 --outdir "$OUT/faithful" -- $FLAGS &
 PIPELINES=("$!")
+# Their steps share the cores with the 2021 pipeline's: an eighth of the cores each (2 of an H200 machine's 16),
+# at least one. OpenMP threads beyond the cores spin against each other: tiny CPU steps then take minutes.
+THREADS=$(( $(nproc) / 8 )); [ "$THREADS" -ge 1 ] || THREADS=1
 later_year() {  # later_year YEAR: that year's variants in a pipeline of their own
   local recipe=faithful variants=perceiver
   [ "$1" = 2024 ] && recipe=faithful-2024 variants=vanilla,rope
   # shellcheck disable=SC2086  # FLAGS is a word list
-  OMP_NUM_THREADS=2 part "pipeline-$1" $((BUDGET - 20)) "$PY" pipeline.py --recipe $recipe --variants $variants \
+  OMP_NUM_THREADS=$THREADS part "pipeline-$1" $((BUDGET - 20)) "$PY" pipeline.py --recipe $recipe --variants $variants \
     --seeds 0 --jobs 3 --outdir "$OUT/faithful-$1" -- $FLAGS
 }
 for year in ${GPU_CHECK_YEARS-2024 2023}; do

@@ -66,15 +66,15 @@ def part_line(lines, name):
 
 def test_dry_run_leaves_every_part_and_the_faithful_results(tmp_path):
     out = tmp_path / 'check'
-    result = dry_run(out, 900)  # three pipelines at once, each step a process
+    result = dry_run(out, 400)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = summary_lines(out)
     assert lines[0].startswith('date: ') and lines[1].startswith('commit: ')
     assert any(line.startswith('torch ') for line in lines)
-    assert f'budget: 900 s; pipeline flags: {TINY_FLAGS}' in lines
+    assert f'budget: 400 s; pipeline flags: {TINY_FLAGS}' in lines
     assert re.fullmatch(r'tests: exit 0, \d+ s \(limit 120 s\)', part_line(lines, 'tests'))
     for part in ('pipeline', 'pipeline-2024', 'pipeline-2023'):
-        assert re.fullmatch(rf'{part}: exit 0, \d+ s \(limit 880 s\)', part_line(lines, part))
+        assert re.fullmatch(rf'{part}: exit 0, \d+ s \(limit 380 s\)', part_line(lines, part))
     assert re.fullmatch(r'bench: exit 0, \d+ s \(limit \d+ s\)', part_line(lines, 'bench'))
     assert re.fullmatch(rf'done: {re.escape(str(out))} after \d+ s', lines[-1])
     assert result.stdout.splitlines() == lines   # the summary is printed at the end
