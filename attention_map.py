@@ -37,7 +37,7 @@ def load(variant, params, corpus, flags):
     text = checks.read_text(corpus, 'PRETRAIN_CORPUS_PATH')
     pretrain_dataset = dataset.CharCorruptionDataset(text, run.BLOCK_SIZE)
     model_settings, _ = run.settings_for(args, len(pretrain_dataset), torch.device('cpu'))
-    checks.check_settings(model_settings, {})
+    checks.check_settings(model_settings, {}, run.BLOCK_SIZE)
     gpt = run.build_model(args, pretrain_dataset.vocab_size, model_settings, torch.device('cpu'))
     return gpt.eval(), pretrain_dataset
 

@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import dataset
 import distributed
+import model
 import utils
 
 USAGE = 2
@@ -64,17 +65,14 @@ def check_flags(args):
                        f'got {args.seed}', USAGE)
 
 
-def check_settings(model_settings, train_settings, processes=1, block_size=None):
+def check_settings(model_settings, train_settings, block_size, processes=1):
     """The recipe with its overrides describes a model and a run that can exist in `processes` processes."""
     settings = {**model_settings, **train_settings}
-    if 'bottleneck_dim' in settings:  # the perceiver
-        m = settings['bottleneck_dim']
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1 or (block_size and m > block_size):
-            raise BadInput(f'--bottleneck_dim must be a whole number from 1 to the block size {block_size}, '
-                           f'got {m}', USAGE)
-        if settings.get('n_layer', 2) < 2:
-            raise BadInput(f"--n_layer must be at least 2 for the perceiver (a down and an up block), "
-                           f"got {settings['n_layer']}", USAGE)
+    if 'bottleneck_dim' in settings:  # the perceiver: the model's own rules, worded as the flags they name
+        try:
+            model.check_variant(model.GPTConfig(None, block_size, perceiver=True, **model_settings))
+        except ValueError as e:
+            raise BadInput(f'--{e}', USAGE)
     for name in ('n_layer', 'n_head', 'n_embd', 'batch_size', 'max_epochs', 'max_steps', 'chunks'):
         value = settings.get(name)
         if value is not None and value < 1:

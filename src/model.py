@@ -214,10 +214,11 @@ def check_variant(config):
             raise ValueError('the perceiver uses ordinary attention with learned positions: '
                              'it combines with neither synthesizer nor rope')
         m = config.bottleneck_dim
-        if not isinstance(m, int) or not 1 <= m <= config.block_size:
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= config.block_size:
             raise ValueError(f'bottleneck_dim must be a whole number from 1 to the block size '
                              f'{config.block_size}, got {m}')
         if config.n_layer < 2:
-            raise ValueError(f'the perceiver needs n_layer >= 2 (a down and an up block), got {config.n_layer}')
+            raise ValueError(f'n_layer must be at least 2 for the perceiver (a down and an up block), '
+                             f'got {config.n_layer}')
     if config.rope and config.synthesizer:
         raise ValueError('rope rotates queries and keys, which the synthesizer does not have')

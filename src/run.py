@@ -209,7 +209,7 @@ def run(args):
     checks.check_corpus(corpus, args.pretrain_corpus_path)
     pretrain_dataset = dataset.CharCorruptionDataset(corpus, BLOCK_SIZE)
     model_settings, train_settings = settings_for(args, len(pretrain_dataset), device)
-    checks.check_settings(model_settings, train_settings, processes=distributed.world_size(), block_size=BLOCK_SIZE)
+    checks.check_settings(model_settings, train_settings, BLOCK_SIZE, processes=distributed.world_size())
     checks.check_outputs(output_paths(args), input_paths(args))
 
     if args.function == 'evaluate':
