@@ -195,6 +195,7 @@ def tiny_params(folder, vocab_size, synthesizer=False, name=None, **sizes):
     """A params file of the TINY model (or other `sizes`), freshly initialised."""
     settings = dict(n_layer=1, n_head=2, n_embd=16)
     settings.update(sizes)
+    torch.manual_seed(0)  # the same file every time: an untrained model's predictions may hold any character
     gpt = model.GPT(model.GPTConfig(vocab_size, run.BLOCK_SIZE, synthesizer=synthesizer, **settings))
     path = os.path.join(folder, name or ('synthesizer.params' if synthesizer else 'vanilla.params'))
     torch.save(gpt.state_dict(), path)
