@@ -26,12 +26,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'src'))
 import dataset  # noqa: E402
 import model  # noqa: E402
+import recipes  # noqa: E402
 import trainer  # noqa: E402
 import utils  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-BLOCK_SIZE = 128
-LAPTOP_MODEL = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+BLOCK_SIZE = recipes.BLOCK_SIZE
+LAPTOP_MODEL = recipes.LAPTOP['model']
 
 
 def down_forward(residual):

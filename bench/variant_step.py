@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'src'))
 import model  # noqa: E402
+import recipes  # noqa: E402
 
-BLOCK_SIZE, VOCAB = 128, 256
-LAPTOP_MODEL = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+BLOCK_SIZE, VOCAB = recipes.BLOCK_SIZE, 256
+LAPTOP_MODEL = recipes.LAPTOP['model']
 
 
 def main():
