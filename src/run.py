@@ -139,14 +139,14 @@ def parse_args(argv):
     return args
 
 
-def settings_for(args, n_documents, device):
-    """(model settings, trainer settings) of this run: the recipe, then the overrides."""
+def settings_for(args, n_documents, device, n_examples=None):
+    """(model settings, trainer settings) of this run: the recipe, then the overrides (recipes.settings)."""
     if args.function == 'pretrain':
         stage = 'pretrain'
     else:
         stage = 'finetune_pretrained' if args.reading_params_path else 'finetune_scratch'
     model_settings, train_settings = recipes.settings(args.recipe, args.variant, stage, n_documents, device,
-                                                      args.max_epochs)
+                                                      args.max_epochs, n_examples)
     if args.bottleneck_dim is not None and 'bottleneck_dim' not in model_settings:
         raise checks.BadInput(f'--bottleneck_dim is a setting of the perceiver only, not of {args.variant}',
                               checks.USAGE)
@@ -208,14 +208,18 @@ def run(args):
     corpus = checks.read_text(args.pretrain_corpus_path, 'PRETRAIN_CORPUS_PATH')
     checks.check_corpus(corpus, args.pretrain_corpus_path)
     pretrain_dataset = dataset.CharCorruptionDataset(corpus, BLOCK_SIZE)
-    model_settings, train_settings = settings_for(args, len(pretrain_dataset), device)
+    if args.function == 'evaluate':
+        train_dataset, n_examples = None, None
+    else:
+        train_dataset, texts = training.training_data(args, corpus, pretrain_dataset)
+        n_examples = len(train_dataset)
+    model_settings, train_settings = settings_for(args, len(pretrain_dataset), device, n_examples)
     checks.check_settings(model_settings, train_settings, BLOCK_SIZE, processes=distributed.world_size())
     checks.check_outputs(output_paths(args), input_paths(args))
 
     if args.function == 'evaluate':
         questions, unknown = evaluation.read_questions(args, pretrain_dataset)
     else:
-        train_dataset, texts = training.training_data(args, corpus, pretrain_dataset)
         info = checkpoint.run_info(args.function, args.variant, texts, model_settings, train_settings)
         saved = training.resume_checkpoint(args, info)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import run
+from conftest import TINY, WIKI, call, tiny_params, write
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 CPU, N_DOCS = torch.device('cpu'), 2937
@@ -34,7 +35,7 @@ def test_faithful_is_the_default_and_matches_the_assignment():
     assert 'precision' not in pretrain  # fp32, the TrainerConfig default
 
 
-def test_laptop_recipe_changes_model_and_pretraining_only_where_it_says():
+def test_laptop_recipe_changes_only_where_it_says():
     faithful_model, faithful_pretrain = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p'])
     model_settings, pretrain = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p',
                                          '--recipe', 'laptop'])
@@ -42,11 +43,12 @@ def test_laptop_recipe_changes_model_and_pretraining_only_where_it_says():
     assert pretrain == dict(faithful_pretrain, max_epochs=230, warmup_tokens=100 * 128 * 127, first_step_lr='scheduled',
                             final_tokens=230 * N_DOCS * 127, precision='auto', batching='stratified')
     assert 'first_step_lr' not in faithful_pretrain  # the original: the trainer's default, 'full'
-    for function_args in (['--finetune_corpus_path', 'f'],
-                          ['--finetune_corpus_path', 'f', '--reading_params_path', 'r']):
+    for function_args, changed in ((['--finetune_corpus_path', 'f'], {}),
+                                   (['--finetune_corpus_path', 'f', '--reading_params_path', 'r'],
+                                    dict(final_tokens=10 * N_DOCS * 127))):  # its cosine ends with the run
         argv = ['finetune', 'vanilla', 'wiki.txt', '--writing_params_path', 'p'] + function_args
         _, faithful = settings(argv)
-        assert settings(argv + ['--recipe', 'laptop'])[1] == dict(faithful, precision='auto')
+        assert settings(argv + ['--recipe', 'laptop'])[1] == dict(faithful, precision='auto', **changed)
 
 
 def test_laptop_recipe_pretrains_the_synthesizer_longer_and_finetunes_both_alike():
@@ -72,6 +74,32 @@ def test_laptop_cosine_ends_with_the_run_and_the_faithful_one_does_not():
     assert laptop['max_epochs'] == 40 and laptop['final_tokens'] == 40 * N_DOCS * 127
     _, faithful = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p', '--max_epochs', '40'])
     assert faithful['final_tokens'] == 200 * N_DOCS * 128
+
+
+def test_laptop_finetuning_of_a_pretrained_model_ends_its_cosine_with_the_run():
+    finetune = ['finetune', 'vanilla', 'wiki.txt', '--writing_params_path', 'p', '--finetune_corpus_path', 'f',
+                '--recipe', 'laptop']
+    after = run.settings_for(run.build_parser().parse_args(finetune + ['--reading_params_path', 'r']), N_DOCS,
+                             CPU, n_examples=2000)[1]
+    assert after['max_epochs'] == 10 and after['final_tokens'] == 10 * 2000 * 127
+    shorter = run.settings_for(run.build_parser().parse_args(finetune + ['--reading_params_path', 'r',
+                                                                         '--max_epochs', '4']), N_DOCS, CPU, 2000)[1]
+    assert shorter['final_tokens'] == 4 * 2000 * 127
+    scratch = run.settings_for(run.build_parser().parse_args(finetune), N_DOCS, CPU, n_examples=2000)[1]
+    assert scratch['final_tokens'] == 200 * N_DOCS * 128  # the faithful finetuning from scratch
+    faithful = finetune[:-2] + ['--reading_params_path', 'r']
+    assert run.settings_for(run.build_parser().parse_args(faithful), N_DOCS, CPU, 2000)[1]['final_tokens'] == \
+        200 * N_DOCS * 128
+
+
+def test_a_laptop_finetuning_counts_the_examples_of_its_own_file(tmp_path, capsys, wiki_vocab):
+    tsv = write(tmp_path / 'train.tsv', ''.join(f'Where was Person {i} born?\tLondon\n' for i in range(37)))
+    params = tiny_params(tmp_path, wiki_vocab.vocab_size)
+    code, out, err = call(['finetune', 'vanilla', WIKI, '--recipe', 'laptop', '--reading_params_path', params,
+                           '--writing_params_path', tmp_path / 'ft.params', '--finetune_corpus_path', tsv] + TINY,
+                          capsys)
+    assert code == 0, err
+    assert f' final_tokens={10 * 37 * 127} ' in out
 
 
 def test_overrides_touch_only_their_setting():
