@@ -79,9 +79,10 @@ of like length; less padding, 17% less CPU time at equal loss. Weight decay
 stays the faithful 0.1.
 Finetuning is the faithful one, except that a pretrained model's cosine
 ends with its 10 epochs: the faithful rate hardly falls in 80 steps, and
-the last steps at full rate leave a model whose dev accuracy depends on the
-order of its last batches (on one pretrained model: 4.8-7.0% at the
-faithful rate, 9.8-10.2% with the cosine, the same three seeds). The perceiver and rope pretrain for
+the model it leaves depends on the order of its last batches. On two
+pretrained vanilla models, three finetuning seeds each: 4.8-11.0% dev at
+the faithful rate, 9.8-12.0% with the cosine, each pair in its favour
+(docs/recipes.md). The perceiver and rope pretrain for
 vanilla's 230 epochs, the same number of steps.
 """
 
