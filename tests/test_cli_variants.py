@@ -160,3 +160,9 @@ def test_laptop_recipe_of_the_variants():
         model_settings, pretrain = settings([a.format(variant) for a in argv])
         assert pretrain == vanilla and pretrain['max_epochs'] == 230
         assert model_settings == (dict(vanilla_model, bottleneck_dim=64) if variant == 'perceiver' else vanilla_model)
+    finetune = ['finetune', '{}', 'wiki.txt', '--writing_params_path', 'p', '--finetune_corpus_path', 'f',
+                '--reading_params_path', 'r', '--recipe', 'laptop']
+    cosine_ends = {variant: settings([a.format(variant) for a in finetune])[1]['final_tokens']
+                   for variant in ('vanilla', 'rope', 'perceiver', 'synthesizer')}
+    assert cosine_ends == dict(vanilla=10 * N_DOCS * 127, rope=10 * N_DOCS * 127,  # ends with the run
+                               perceiver=200 * N_DOCS * 128, synthesizer=200 * N_DOCS * 128)  # the faithful one
