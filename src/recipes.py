@@ -6,8 +6,9 @@ A recipe has a table for the model and one for each training stage:
 stage for one variant. Two settings of a stage say where the cosine ends:
 final_tokens = cosine_epochs x documents x cosine_width, the documents
 being the pretraining corpus's; with cosine_epochs 'max_epochs' the cosine
-ends with the run: the run's own epochs of its own training examples. The device's choices
-(device_settings) come after the table, the command line's overrides last.
+ends with the run: the run's own epochs of its own training examples. The
+device's choices (device_settings) come after the table, the command
+line's overrides last.
 
 Adding a recipe is adding an entry to RECIPES; adding a variant is adding an
 entry to VARIANTS (its model's settings), and to a recipe's 'variants' where
