@@ -208,9 +208,8 @@ def run(args):
     corpus = checks.read_text(args.pretrain_corpus_path, 'PRETRAIN_CORPUS_PATH')
     checks.check_corpus(corpus, args.pretrain_corpus_path)
     pretrain_dataset = dataset.CharCorruptionDataset(corpus, BLOCK_SIZE)
-    if args.function == 'evaluate':
-        train_dataset, n_examples = None, None
-    else:
+    n_examples = None  # a training run's cosine may count its own examples (recipes.settings)
+    if args.function != 'evaluate':
         train_dataset, texts = training.training_data(args, corpus, pretrain_dataset)
         n_examples = len(train_dataset)
     model_settings, train_settings = settings_for(args, len(pretrain_dataset), device, n_examples)
