@@ -9,8 +9,10 @@ Runs the assignment's command sequences through src/run.py:
   2. vanilla: pretrain, finetune, evaluate on dev and test;
   3. synthesizer: pretrain, finetune, evaluate on dev and test.
 The sequences are independent: --jobs N runs up to N of them at once, each
-step in its own process (default: all at once on a machine with a CUDA GPU,
-one at a time otherwise). Each sequence's output goes to OUTDIR/logs/NAME.log
+step in its own process, the longest first (default: up to four on a machine
+with a CUDA GPU, else one per CPU core, each with a share of the cores'
+threads: two one-thread runs side by side get through more steps than one
+two-thread run). Each sequence's output goes to OUTDIR/logs/NAME.log
 and one status line shows every sequence's step, progress and ETA.
 
 A step whose output file already exists is skipped, and an interrupted
@@ -182,7 +184,7 @@ def build_parser(has_gpu):
                                          "recipe's name for the others; a comparison in comparison/ under it)")
     parser.add_argument('--jobs', type=positive_int,
                         help='sequences run at once, each step in its own process (default: up to four on a '
-                             'machine with a CUDA GPU, 1 otherwise)')
+                             'machine with a CUDA GPU, else one per CPU core)')
     parser.add_argument('--variants', type=variant_list,
                         help='compare these variants, comma-separated (default for a comparison: vanilla,synthesizer)')
     parser.add_argument('--seeds', type=seed_list, help='compare over these seeds, comma-separated (default: 0)')
@@ -205,7 +207,7 @@ def main():
     os.chdir(ROOT)
     os.makedirs(out, exist_ok=True)
     seqs = comparison(out, variants, seeds) if comparing else sequences(out)
-    jobs = min(args.jobs or (4 if has_gpu else 1), len(seqs))
+    jobs = min(args.jobs or (4 if has_gpu else cores()), len(seqs))
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     if jobs > 1 and 'OMP_NUM_THREADS' not in os.environ:  # DataLoader workers and intra-op threads share the cores
         env['OMP_NUM_THREADS'] = str(max(1, cores() // jobs))

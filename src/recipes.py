@@ -107,6 +107,12 @@ def device_settings(device):
     return dict(num_workers=4 if on_gpu else 0, chunks=1 if on_gpu else 4)
 
 
+def stage_settings(recipe, variant, stage):
+    """The settings of `stage` in `recipe` for `variant`, as the tables give them."""
+    tables = RECIPES[recipe]
+    return dict(tables[stage], **tables.get('variants', {}).get(variant, {}).get(stage, {}))
+
+
 def settings(recipe, variant, stage, n_documents, device, max_epochs=None, n_examples=None):
     """(model settings, training settings) of `stage` in `recipe` for `variant`, on `device`.
 
@@ -115,10 +121,9 @@ def settings(recipe, variant, stage, n_documents, device, max_epochs=None, n_exa
     pretraining) and max_epochs the command line's, which a cosine that
     ends with the run counts.
     """
-    tables = RECIPES[recipe]
-    changes = tables.get('variants', {}).get(variant, {})
-    model_settings = dict(tables['model'], **changes.get('model', {}))
-    train = dict(tables[stage], **changes.get(stage, {}))
+    changes = RECIPES[recipe].get('variants', {}).get(variant, {})
+    model_settings = dict(RECIPES[recipe]['model'], **changes.get('model', {}))
+    train = stage_settings(recipe, variant, stage)
     epochs = train['max_epochs'] if max_epochs is None else max_epochs
     if train['cosine_epochs'] == 'max_epochs':
         cosine_tokens = epochs * (n_documents if n_examples is None else n_examples)

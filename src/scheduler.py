@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import recipes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATUS_EVERY_S = 30   # how often the status line is printed when stdout is not a terminal
 POLL_S = 0.5          # how often running processes are checked (and, on a terminal, the status redrawn)
@@ -40,6 +42,13 @@ class Step:
         if self.function == 'finetune':
             return self.args[self.args.index('--finetune_corpus_path') + 1]
         return self.args[2]
+
+    @property
+    def stage(self):
+        """The recipe stage a training step runs (recipes.STAGES), or None."""
+        if self.function == 'finetune':
+            return 'finetune_pretrained' if '--reading_params_path' in self.args else 'finetune_scratch'
+        return 'pretrain' if self.function == 'pretrain' else None
 
     @property
     def metrics(self):
@@ -90,6 +99,12 @@ def count_examples(path):
     return len(lines) - (lines[-1] == '')
 
 
+def training_examples(seq, recipe):
+    """How many examples the training steps of `seq` go through, by the recipe's epochs: its size, roughly."""
+    return sum(recipes.stage_settings(recipe, step.args[1], step.stage)['max_epochs'] * count_examples(step.corpus)
+               for step in seq.steps if step.stage is not None)
+
+
 def total_steps(settings, n_examples):
     """Optimizer steps of a training run with these printed settings, or None when they do not say."""
     try:
@@ -126,10 +141,16 @@ def progress(rows, total, elapsed):
 
 
 class Runner:
-    """Runs sequences, up to `jobs` at once, one process per step, and keeps a status line."""
+    """Runs sequences, up to `jobs` at once, one process per step, and keeps a status line.
+
+    One job runs the sequences in the order given. More than one start the
+    longest first (by training_examples), so that the last to finish is not
+    a long sequence that started late.
+    """
 
     def __init__(self, seqs, jobs, recipe, extra, env):
-        self.pending, self.jobs, self.recipe, self.extra, self.env = list(seqs), jobs, recipe, extra, env
+        self.jobs, self.recipe, self.extra, self.env = jobs, recipe, extra, env
+        self.pending = list(seqs) if jobs == 1 else sorted(seqs, key=lambda seq: -training_examples(seq, recipe))
         self.running = {}     # sequence key -> dict(seq, index, step, process, log, log_offset, start)
         self.state = {seq.key: 'waiting' for seq in seqs}
         self.order = [seq.key for seq in seqs]

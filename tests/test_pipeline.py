@@ -28,7 +28,10 @@ def test_pipeline_runs_the_laptop_recipe_without_a_gpu_and_then_skips_what_is_do
     assert len((out / 'synthesizer.pretrain.test.predictions').read_text().splitlines()) == 437
     assert '| London baseline | 5.0% (25/500) |' in first.stdout
     assert '| synthesizer, pretrain + finetune |' in first.stdout
-    assert '1 sequence at a time' in first.stdout  # the default without a GPU: today's order, one step at a time
+    jobs = min(len(os.sched_getaffinity(0)), 4)  # the default without a GPU: one sequence per core
+    assert f'{jobs} sequence{"s" if jobs > 1 else ""} at a time' in first.stdout
+    if jobs > 1:  # the longest sequence starts first
+        assert first.stdout.index('[run]  synthesizer: pretrain') < first.stdout.index('[run]  vanilla: pretrain')
     logs = ''.join((out / 'logs' / name).read_text() for name in os.listdir(out / 'logs'))
     settings_lines = [line for line in logs.splitlines() if line.startswith(('pretrain ', 'finetune '))]
     assert len(settings_lines) == 5 and all('recipe=laptop' in line for line in settings_lines)

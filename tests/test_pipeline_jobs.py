@@ -151,3 +151,21 @@ def test_progress_and_durations():
                                                                               '1h00m', '2h02m']
     assert scheduler.total_steps({'max_epochs': '650', 'batch_size': '128', 'max_steps': 'None'}, 2937) == 650 * 23
     assert scheduler.total_steps({'batch_size': '128'}, 2937) is None
+
+
+def test_more_than_one_job_starts_the_longest_sequences_first(tmp_path):
+    seqs = pipeline.sequences(str(tmp_path))
+    assert [seq.key for seq in seqs] == ['london', 'no-pretrain', 'vanilla', 'synthesizer']
+    # laptop: the synthesizer pretrains 320 epochs of 2,937 documents, vanilla 230; no pretraining is
+    # 75 epochs of 2,000 pairs, London none
+    assert [scheduler.training_examples(seq, 'laptop') for seq in seqs] == [
+        0, 75 * 2000, 230 * 2937 + 10 * 2000, 320 * 2937 + 10 * 2000]
+
+    def started(jobs, recipe):
+        return [seq.key for seq in scheduler.Runner(seqs, jobs, recipe, [], {}).pending]
+
+    assert started(2, 'laptop') == ['synthesizer', 'vanilla', 'no-pretrain', 'london']
+    assert started(2, 'faithful') == ['vanilla', 'synthesizer', 'no-pretrain', 'london']  # a tie keeps its order
+    assert started(1, 'laptop') == ['london', 'no-pretrain', 'vanilla', 'synthesizer']
+    runner = scheduler.Runner(seqs, 2, 'laptop', [], {})
+    assert runner.order == ['london', 'no-pretrain', 'vanilla', 'synthesizer']  # the status line keeps its order
