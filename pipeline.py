@@ -11,8 +11,9 @@ Runs the assignment's command sequences through src/run.py:
 The sequences are independent: --jobs N runs up to N of them at once, each
 step in its own process, the longest first (default: up to four on a machine
 with a CUDA GPU, else one per CPU core, each with a share of the cores'
-threads; docs/recipes.md has the timings on a 2-core CPU). Each sequence's output goes to OUTDIR/logs/NAME.log
-and one status line shows every sequence's step, progress and ETA.
+threads; docs/recipes.md has the timings on a 2-core CPU). Each sequence's
+output goes to OUTDIR/logs/NAME.log and one status line shows every
+sequence's step, progress and ETA.
 
 A step whose output file already exists is skipped, and an interrupted
 training step (its OUTPUT.ckpt exists) is continued with --resume, so an
