@@ -101,8 +101,16 @@ def count_examples(path):
 
 def training_examples(seq, recipe):
     """How many examples the training steps of `seq` go through, by the recipe's epochs: its size, roughly."""
-    return sum(recipes.stage_settings(recipe, step.args[1], step.stage)['max_epochs'] * count_examples(step.corpus)
-               for step in seq.steps if step.stage is not None)
+    total = 0
+    for step in seq.steps:
+        if step.stage is None:
+            continue
+        epochs = recipes.stage_settings(recipe, step.args[1], step.stage)['max_epochs']
+        try:
+            total += epochs * count_examples(step.corpus)
+        except OSError:  # a corpus that cannot be read counts as empty; its step's run.py says what is wrong
+            pass
+    return total
 
 
 def total_steps(settings, n_examples):

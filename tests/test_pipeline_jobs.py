@@ -169,3 +169,9 @@ def test_more_than_one_job_starts_the_longest_sequences_first(tmp_path):
     assert started(1, 'laptop') == ['london', 'no-pretrain', 'vanilla', 'synthesizer']
     runner = scheduler.Runner(seqs, 2, 'laptop', [], {})
     assert runner.order == ['london', 'no-pretrain', 'vanilla', 'synthesizer']  # the status line keeps its order
+
+
+def test_a_missing_corpus_counts_as_empty_when_ordering(tmp_path):
+    seq = scheduler.Sequence('x', str(tmp_path / 'x.log'), [scheduler.Step(
+        'x: pretrain', 'pretrain', str(tmp_path / 'p'), ['pretrain', 'vanilla', str(tmp_path / 'no_such_corpus.txt')])])
+    assert scheduler.training_examples(seq, 'laptop') == 0
