@@ -107,10 +107,16 @@ def device_settings(device):
     return dict(num_workers=4 if on_gpu else 0, chunks=1 if on_gpu else 4)
 
 
+def stage_of(function, from_pretrained):
+    """The stage a run.py function trains ('pretrain' or 'finetune'; None for 'evaluate')."""
+    if function == 'finetune':
+        return 'finetune_pretrained' if from_pretrained else 'finetune_scratch'
+    return 'pretrain' if function == 'pretrain' else None
+
+
 def stage_settings(recipe, variant, stage):
-    """The settings of `stage` in `recipe` for `variant`, as the tables give them."""
-    tables = RECIPES[recipe]
-    return dict(tables[stage], **tables.get('variants', {}).get(variant, {}).get(stage, {}))
+    """The settings of `stage` (and of 'model') in `recipe` for `variant`, as the tables give them."""
+    return dict(RECIPES[recipe][stage], **RECIPES[recipe].get('variants', {}).get(variant, {}).get(stage, {}))
 
 
 def settings(recipe, variant, stage, n_documents, device, max_epochs=None, n_examples=None):
@@ -121,8 +127,7 @@ def settings(recipe, variant, stage, n_documents, device, max_epochs=None, n_exa
     pretraining) and max_epochs the command line's, which a cosine that
     ends with the run counts.
     """
-    changes = RECIPES[recipe].get('variants', {}).get(variant, {})
-    model_settings = dict(RECIPES[recipe]['model'], **changes.get('model', {}))
+    model_settings = stage_settings(recipe, variant, 'model')
     train = stage_settings(recipe, variant, stage)
     epochs = train['max_epochs'] if max_epochs is None else max_epochs
     if train['cosine_epochs'] == 'max_epochs':

@@ -141,10 +141,8 @@ def parse_args(argv):
 
 def settings_for(args, n_documents, device, n_examples=None):
     """(model settings, trainer settings) of this run: the recipe, then the overrides (recipes.settings)."""
-    if args.function == 'pretrain':
-        stage = 'pretrain'
-    else:
-        stage = 'finetune_pretrained' if args.reading_params_path else 'finetune_scratch'
+    function = 'pretrain' if args.function == 'pretrain' else 'finetune'  # evaluate: the finetuning's model settings
+    stage = recipes.stage_of(function, args.reading_params_path is not None)
     model_settings, train_settings = recipes.settings(args.recipe, args.variant, stage, n_documents, device,
                                                       args.max_epochs, n_examples)
     if args.bottleneck_dim is not None and 'bottleneck_dim' not in model_settings:

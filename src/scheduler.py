@@ -1,5 +1,6 @@
 """pipeline.py's scheduler: sequences of steps run as processes, up to N at once, and their status line."""
 import datetime
+import functools
 import json
 import math
 import os
@@ -46,9 +47,7 @@ class Step:
     @property
     def stage(self):
         """The recipe stage a training step runs (recipes.STAGES), or None."""
-        if self.function == 'finetune':
-            return 'finetune_pretrained' if '--reading_params_path' in self.args else 'finetune_scratch'
-        return 'pretrain' if self.function == 'pretrain' else None
+        return recipes.stage_of(self.function, self.args is not None and '--reading_params_path' in self.args)
 
     @property
     def metrics(self):
@@ -92,6 +91,7 @@ def settings_of(text, function):
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def count_examples(path):
     """How many training examples a corpus gives: its lines (documents or question-place pairs)."""
     with open(os.path.join(ROOT, path), encoding='utf-8') as f:
@@ -169,7 +169,6 @@ class Runner:
         self.tty = sys.stdout.isatty()
         self.status_shown = False
         self.last_status = time.time()
-        self.n_examples = {}
 
     def say(self, message):
         if self.status_shown:
@@ -235,10 +234,7 @@ class Runner:
         if 'total' not in job:
             settings = settings_of(read_from(job['seq'].log, job['log_offset']), step.function)
             if settings is not None:
-                corpus = step.corpus
-                if corpus not in self.n_examples:
-                    self.n_examples[corpus] = count_examples(corpus)
-                job['total'] = total_steps(settings, self.n_examples[corpus])
+                job['total'] = total_steps(settings, count_examples(step.corpus))
         rows = last_metrics(step.metrics, job['start'] - 1)
         return f'{key}: {step.short} {progress(rows, job.get("total"), elapsed)}'
 
