@@ -18,6 +18,10 @@ question, the fraction of each group's seeds that got it right; a question
 counts for the group with the higher fraction; the exact two-sided sign test
 on those counts says how likely a split at least that uneven would be if the
 two were equally good. With one seed per group this is the exact McNemar test.
+Groups with unequal numbers of seeds are compared on their first k seeds
+each, k the smaller number: a fraction over more seeds is above zero on more
+of the questions that few runs get right, so an equally good group with more
+seeds would win most of them.
 """
 import argparse
 import itertools
@@ -65,7 +69,11 @@ def score(predictions_path, gold):
 
 
 def paired(a, b):
-    """(questions A does better on, questions B does better on, p) for per-seed score lists of both groups."""
+    """(questions A does better on, questions B does better on, p) for per-seed score lists of both groups.
+
+    Only the first min(len(a), len(b)) seeds of each count: the sign test needs the two fractions drawn alike.
+    """
+    a, b = a[:len(b)], b[:len(a)]
     a_frac = [sum(seed[i] for seed in a) / len(a) for i in range(len(a[0]))]
     b_frac = [sum(seed[i] for seed in b) / len(b) for i in range(len(b[0]))]
     wins = sum(x > y for x, y in zip(a_frac, b_frac))
@@ -106,7 +114,9 @@ def paired_table(groups):
     rows = []
     for (a, sa), (b, sb) in itertools.combinations(groups.items(), 2):
         wins, losses, p = paired(sa, sb)
-        rows.append([f'A = {a}, B = {b}', str(wins), str(losses), f'{p:.2g}'])
+        k = min(len(sa), len(sb))
+        seeds = '' if len(sa) == len(sb) else ' (first seed of each)' if k == 1 else f' (first {k} seeds of each)'
+        rows.append([f'A = {a}, B = {b}{seeds}', str(wins), str(losses), f'{p:.2g}'])
     return markdown(['paired test (same questions)', 'A better', 'B better', 'exact sign test, two-sided p'], rows)
 
 
@@ -126,7 +136,8 @@ EXPECTS_2024 = dict(EXPECTS, vanilla='at least 15% dev (2024)')  # that year's h
 NOTE = ("Mean and range: over the seeds' dev accuracies. Interval: the Wilson score 95% interval on the pooled "
         "count (every seed's questions together, taken as independent draws). Paired test: per question, the "
         "fraction of each run's seeds that answered it right; a question counts for the run with the higher "
-        "fraction; the exact two-sided sign test on those counts (with one seed each, the exact McNemar test). "
+        "fraction; the exact two-sided sign test on those counts (with one seed each, the exact McNemar test; "
+        "runs with unequal numbers of seeds are compared on the first seeds of each, as many as the smaller has). "
         "Wall time per step: each run's median time between consecutive optimizer steps in its metrics file, "
         "then the median over seeds (runs that shared the machine share its time).")
 

@@ -51,9 +51,22 @@ def test_paired_with_one_seed_each_is_mcnemar_on_discordant_questions():
 
 def test_paired_over_seeds_compares_each_questions_fraction_of_seeds():
     a = [[1, 1, 0, 0], [1, 0, 1, 0]]   # fractions 1, 1/2, 1/2, 0
-    b = [[1, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1]]  # fractions 1/3, 1/3, 1/3, 2/3
+    b = [[1, 1, 1, 0], [0, 0, 0, 1]]   # fractions 1/2, 1/2, 1/2, 1/2
     wins, losses, p = compare.paired(a, b)
-    assert (wins, losses) == (3, 1) and p == pytest.approx(2 * 5 / 16)
+    assert (wins, losses) == (1, 1) and p == 1.0
+    b = [[1, 1, 1, 0], [0, 0, 1, 1]]   # fractions 1/2, 1/2, 1, 1/2
+    assert compare.paired(a, b)[:2] == (1, 2)
+
+
+def test_paired_with_unequal_seeds_compares_the_first_seeds_of_each():
+    # Equally good groups: every run gets 10 of 500 questions right, each run its own 10. On fractions over
+    # 3 seeds against 1, A would "win" its 30 questions against B's 10 (p = 0.002); on one seed each it is 10-10.
+    runs = [[q // 10 == r for q in range(500)] for r in range(4)]
+    a, b = runs[:3], runs[3:]
+    assert compare.paired(a, b) == (10, 10, 1.0)
+    assert compare.paired(b, a) == (10, 10, 1.0)
+    assert compare.paired(a, runs[1:3]) == (10, 10, 1.0)   # runs 0, 1 against 1, 2
+    assert '| A = three, B = one (first seed of each) | 10 | 10 | 1 |' in compare.paired_table({'three': a, 'one': b})
 
 
 def test_mean_and_range():
