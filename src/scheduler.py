@@ -99,13 +99,30 @@ def count_examples(path):
     return len(lines) - (lines[-1] == '')
 
 
-def training_examples(seq, recipe):
-    """How many examples the training steps of `seq` go through, by the recipe's epochs: its size, roughly."""
-    total = 0
+def epochs_given(extra):
+    """The --max_epochs that flags passed to every step set (the last one given), or None."""
+    epochs = None
+    for i, flag in enumerate(extra):
+        if flag == '--max_epochs' and i + 1 < len(extra):
+            epochs = extra[i + 1]
+        elif flag.startswith('--max_epochs='):
+            epochs = flag.split('=', 1)[1]
+    try:
+        return int(epochs)
+    except (TypeError, ValueError):  # none given, or not a number: run.py says what is wrong
+        return None
+
+
+def training_examples(seq, recipe, extra=()):
+    """How many examples the training steps of `seq` go through, by their epochs: its size, roughly.
+
+    The epochs are the recipe's, or a --max_epochs in `extra`, the flags every step is given.
+    """
+    total, given = 0, epochs_given(extra)
     for step in seq.steps:
         if step.stage is None:
             continue
-        epochs = recipes.stage_settings(recipe, step.args[1], step.stage)['max_epochs']
+        epochs = given or recipes.stage_settings(recipe, step.args[1], step.stage)['max_epochs']
         try:
             total += epochs * count_examples(step.corpus)
         except OSError:  # a corpus that cannot be read counts as empty; its step's run.py says what is wrong
@@ -158,7 +175,7 @@ class Runner:
 
     def __init__(self, seqs, jobs, recipe, extra, env):
         self.jobs, self.recipe, self.extra, self.env = jobs, recipe, extra, env
-        self.pending = list(seqs) if jobs == 1 else sorted(seqs, key=lambda seq: -training_examples(seq, recipe))
+        self.pending = list(seqs) if jobs == 1 else sorted(seqs, key=lambda seq: -training_examples(seq, recipe, extra))
         self.running = {}     # sequence key -> dict(seq, index, step, process, log, log_offset, start)
         self.state = {seq.key: 'waiting' for seq in seqs}
         self.order = [seq.key for seq in seqs]

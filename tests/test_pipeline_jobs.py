@@ -171,6 +171,19 @@ def test_more_than_one_job_starts_the_longest_sequences_first(tmp_path):
     assert runner.order == ['london', 'no-pretrain', 'vanilla', 'synthesizer']  # the status line keeps its order
 
 
+def test_max_epochs_given_to_every_step_sizes_the_sequences(tmp_path):
+    seqs = pipeline.sequences(str(tmp_path))
+    for extra in (['--seed', '1', '--max_epochs', '3'], ['--max_epochs=3']):
+        assert [scheduler.training_examples(seq, 'laptop', extra) for seq in seqs] == [
+            0, 3 * 2000, 3 * 2937 + 3 * 2000, 3 * 2937 + 3 * 2000]
+    assert scheduler.epochs_given(['--max_epochs', '3', '--max_epochs', '7']) == 7  # the last one counts
+    assert scheduler.epochs_given(['--max_epochs', 'many']) is None  # run.py says what is wrong with it
+    assert scheduler.epochs_given(['--seed', '1']) is None
+    # 3 epochs for every step: vanilla and the synthesizer tie, and a tie keeps the listed order
+    started = [seq.key for seq in scheduler.Runner(seqs, 2, 'laptop', ['--max_epochs', '3'], {}).pending]
+    assert started == ['vanilla', 'synthesizer', 'no-pretrain', 'london']
+
+
 def test_a_missing_corpus_counts_as_empty_when_ordering(tmp_path):
     seq = scheduler.Sequence('x', str(tmp_path / 'x.log'), [scheduler.Step(
         'x: pretrain', 'pretrain', str(tmp_path / 'p'), ['pretrain', 'vanilla', str(tmp_path / 'no_such_corpus.txt')])])
