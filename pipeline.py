@@ -11,7 +11,10 @@ Runs the assignment's command sequences through src/run.py:
 The sequences are independent: --jobs N runs up to N of them at once, each
 step in its own process, the longest first (default: up to four on a machine
 with a CUDA GPU, else one per CPU core, each with a share of the cores'
-threads; docs/recipes.md has the timings on a 2-core CPU). Each sequence's
+threads; once nothing waits, a core a finished sequence leaves goes to one
+still running, from its next optimizer step; set OMP_NUM_THREADS to fix
+every step's threads instead; docs/recipes.md has the timings on a 2-core
+CPU). Each sequence's
 output goes to OUTDIR/logs/NAME.log and one status line shows every
 sequence's step, progress and ETA.
 
@@ -209,14 +212,17 @@ def main():
     seqs = comparison(out, variants, seeds) if comparing else sequences(out)
     jobs = min(args.jobs or (4 if has_gpu else cores()), len(seqs))
     env = dict(os.environ, PYTHONUNBUFFERED='1')
-    if jobs > 1 and 'OMP_NUM_THREADS' not in os.environ:  # DataLoader workers and intra-op threads share the cores
+    # DataLoader workers and intra-op threads share the cores; on a CPU alone, the runner sets each step's
+    # threads and gives the cores that finished sequences leave to those still running
+    share = jobs > 1 and 'OMP_NUM_THREADS' not in os.environ
+    if share:
         env['OMP_NUM_THREADS'] = str(max(1, cores() // jobs))
     print(f'Recipe: {args.recipe} ({"CUDA GPU found" if has_gpu else "no GPU found"}); outputs in {out}/')
     if args.recipe == 'laptop':
         print('For the original settings run: python pipeline.py --recipe faithful')
     print(f'{jobs} sequence{"s" if jobs > 1 else ""} at a time; logs in {os.path.join(out, "logs")}/', flush=True)
 
-    runner = Runner(seqs, jobs, args.recipe, args.extra, env)
+    runner = Runner(seqs, jobs, args.recipe, args.extra, env, cores=cores() if share and not has_gpu else None)
     signal.signal(signal.SIGTERM, interrupt)
     try:
         runner.run()

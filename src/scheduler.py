@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import recipes
@@ -170,11 +171,14 @@ class Runner:
 
     One job runs the sequences in the order given. More than one start the
     longest first (by training_examples), so that the last to finish is not
-    a long sequence that started late.
+    a long sequence that started late. Given `cores`, the runner sets each
+    step's threads: cores // jobs to start with, and once no sequence waits,
+    each core the running ones leave free goes to one of them, its training
+    step taking it up from its next optimizer step (training.FollowThreads).
     """
 
-    def __init__(self, seqs, jobs, recipe, extra, env):
-        self.jobs, self.recipe, self.extra, self.env = jobs, recipe, extra, env
+    def __init__(self, seqs, jobs, recipe, extra, env, cores=None):
+        self.jobs, self.recipe, self.extra, self.env, self.cores = jobs, recipe, extra, env, cores
         self.pending = list(seqs) if jobs == 1 else sorted(seqs, key=lambda seq: -training_examples(seq, recipe, extra))
         self.running = {}     # sequence key -> dict(seq, index, step, process, log, log_offset, start)
         self.state = {seq.key: 'waiting' for seq in seqs}
@@ -183,6 +187,8 @@ class Runner:
         self.failures = []    # one line per failed step
         self.commands = []    # (sequence key, shell command or None, step, skipped)
         self.ran = 0          # steps run (not skipped) in this invocation
+        self.threads = {}     # with `cores`: sequence key -> the threads its steps run with
+        self.threads_dir = None
         self.tty = sys.stdout.isatty()
         self.status_shown = False
         self.last_status = time.time()
@@ -193,8 +199,8 @@ class Runner:
             self.status_shown = False
         print(message, flush=True)
 
-    def shell(self, command):
-        threads = self.env.get('OMP_NUM_THREADS')
+    def shell(self, command, env=None):
+        threads = (env or self.env).get('OMP_NUM_THREADS')
         return (f'OMP_NUM_THREADS={shlex.quote(threads)} ' if threads else '') + shlex.join(command)
 
     def advance(self, seq, index):
@@ -205,24 +211,56 @@ class Runner:
                 self.say(f'[skip] {step.name}: {step.output} exists')
                 self.commands.append((seq.key, self.shell(step.command(self.recipe, self.extra)), step, True))
                 continue
-            command = step.command(self.recipe, self.extra)
+            command, env = step.command(self.recipe, self.extra), self.step_env(seq)
             os.makedirs(os.path.dirname(seq.log), exist_ok=True)
             log = open(seq.log, 'a', encoding='utf-8')
             log.write(f'\n=== {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC  {step.name}\n'
-                      f'$ {self.shell(command)}\n')
+                      f'$ {self.shell(command, env)}\n')
             log.flush()
             offset = log.tell()
             if step.output is not None:
                 resuming = f', resuming from {step.output}.ckpt' if command[-1] == '--resume' else ''
                 self.say(f'[run]  {step.name}{resuming} (log: {seq.log})')
-            self.commands.append((seq.key, self.shell(command), step, False))
+            self.commands.append((seq.key, self.shell(command, env), step, False))
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=self.env)
+                                       env=env)
             self.running[seq.key] = dict(seq=seq, index=i, step=step, process=process, log=log, log_offset=offset,
                                          start=time.time())
             self.state[seq.key] = 'running'
             return
         self.state[seq.key] = 'done'
+
+    def step_env(self, seq):
+        """The environment of the step `seq` starts now: with `cores`, its threads, and the file that may raise them."""
+        if self.cores is None:
+            return self.env
+        threads = self.threads.setdefault(seq.key, max(1, self.cores // self.jobs))
+        return dict(self.env, OMP_NUM_THREADS=str(threads), PIPELINE_THREADS_FILE=self.write_threads(seq.key))
+
+    def write_threads(self, key):
+        """Write the threads of sequence `key` to its file (whole, by renaming), for training.FollowThreads."""
+        if self.threads_dir is None:
+            self.threads_dir = tempfile.mkdtemp(prefix='pipeline-threads-')
+        path = os.path.join(self.threads_dir, key)
+        with open(path + '.tmp', 'w', encoding='utf-8') as f:
+            f.write(str(self.threads[key]))
+        os.replace(path + '.tmp', path)
+        return path
+
+    def share_free_cores(self):
+        """Once no sequence waits, each core the running steps leave free goes to the running sequence with the
+        fewest threads (a step run one thread each beside another is faster than one of two threads alone,
+        but a core left idle is slower still)."""
+        if self.cores is None or self.pending or not self.running:
+            return
+        given = set()
+        for _ in range(self.cores - sum(self.threads[key] for key in self.running)):
+            key = min(self.running, key=lambda k: self.threads[k])
+            self.threads[key] += 1
+            given.add(key)
+        for key in given:
+            self.write_threads(key)
+            self.say(f'[cores] {key} now runs with {self.threads[key]} threads')
 
     def finish(self, key, returncode):
         job = self.running.pop(key)
@@ -230,6 +268,7 @@ class Runner:
         seq, step = job['seq'], job['step']
         if returncode != 0:
             self.state[key] = 'failed'
+            self.threads.pop(key, None)
             self.failures.append(f'pipeline stopped: step "{step.name}" failed (exit status {returncode}); '
                                  f'log: {seq.log}' + last_line(seq.log, job['log_offset']))
             self.say(f'[fail] {step.name} (exit status {returncode}; log: {seq.log})')
@@ -240,6 +279,8 @@ class Runner:
             self.ran += 1
             self.say(f'[done] {step.name} in {duration(time.time() - job["start"])}')
         self.advance(seq, job['index'] + 1)
+        if key not in self.running:  # the sequence is done: its threads are free
+            self.threads.pop(key, None)
 
     def describe(self, key):
         job = self.running.get(key)
@@ -283,6 +324,7 @@ class Runner:
                     returncode = job['process'].poll()
                     if returncode is not None:
                         self.finish(key, returncode)
+                self.share_free_cores()
                 if self.running:
                     self.status()
                     time.sleep(POLL_S)
@@ -293,6 +335,8 @@ class Runner:
             if self.status_shown:
                 sys.stdout.write('\r\033[K')
                 sys.stdout.flush()
+            if self.threads_dir is not None:
+                shutil.rmtree(self.threads_dir, ignore_errors=True)
 
     def stop(self):
         """Ask every running step to stop (a training step saves a checkpoint first) and wait for it."""

@@ -10,6 +10,26 @@ import distributed
 import trainer
 import utils
 
+THREADS_FILE = 'PIPELINE_THREADS_FILE'  # set by pipeline.py: names a file holding the threads this step may use
+
+
+class FollowThreads:
+    """After each step, the thread count pipeline.py last wrote to `path`: a core that another sequence no
+    longer needs goes to this run from its next step on. (Reading a few bytes a step costs microseconds.)"""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, t):
+        try:
+            with open(self.path, encoding='utf-8') as f:
+                threads = int(f.read())
+        except (OSError, ValueError):  # not there, or not a number: look again after the next step
+            return
+        if threads > 0 and threads != torch.get_num_threads():
+            print(f'threads: {torch.get_num_threads()} -> {threads} from step {t.step + 1}', flush=True)
+            torch.set_num_threads(threads)
+
 
 def training_data(args, corpus, pretrain_dataset):
     """(the dataset to train on, the texts it comes from): the corpus itself, or the checked finetuning TSV."""
@@ -54,6 +74,8 @@ def train(args, gpt, train_dataset, train_settings, device, info=None, saved=Non
                                    checkpoint_path=args.checkpoint_path, checkpoint_minutes=args.checkpoint_minutes,
                                    checkpoint_info=info, **train_settings)
     t = trainer.Trainer(gpt, train_dataset, None, config, device=device)
+    if os.environ.get(THREADS_FILE):
+        t.add_callback('on_batch_end', FollowThreads(os.environ[THREADS_FILE]))
     if distributed.rank() > 0:
         utils.set_seed(args.seed + distributed.rank())
     if saved is not None:

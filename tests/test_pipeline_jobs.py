@@ -6,6 +6,7 @@ look at its outputs; the failure test reruns part of a copy of it.
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -188,3 +189,90 @@ def test_a_missing_corpus_counts_as_empty_when_ordering(tmp_path):
     seq = scheduler.Sequence('x', str(tmp_path / 'x.log'), [scheduler.Step(
         'x: pretrain', 'pretrain', str(tmp_path / 'p'), ['pretrain', 'vanilla', str(tmp_path / 'no_such_corpus.txt')])])
     assert scheduler.training_examples(seq, 'laptop') == 0
+
+
+class ScriptStep(scheduler.Step):
+    """A step that runs a Python snippet (given its output path as argv[1]) instead of run.py."""
+
+    def __init__(self, name, output, script):
+        super().__init__(name, name, output, ['evaluate'])
+        self.script = script
+
+    def command(self, recipe, extra):
+        return [sys.executable, '-c', self.script, self.output]
+
+
+WAIT_FOR_A_SECOND_THREAD = '''
+import os, sys, time
+path, deadline = os.environ['PIPELINE_THREADS_FILE'], time.time() + 60
+while open(path).read() != '2' and time.time() < deadline:
+    time.sleep(0.05)
+open(sys.argv[1], 'w').write(os.environ['OMP_NUM_THREADS'] + ' then ' + open(path).read())
+'''
+RECORD_THREADS = "import os, sys; open(sys.argv[1], 'w').write(os.environ['OMP_NUM_THREADS'])"
+
+
+def test_a_core_a_finished_sequence_leaves_goes_to_one_still_running(tmp_path, capsys):
+    out = lambda name: str(tmp_path / name)  # noqa: E731
+    quick = scheduler.Sequence('quick', out('quick.log'), [ScriptStep('quick: one', out('q1'), RECORD_THREADS)])
+    slow = scheduler.Sequence('slow', out('slow.log'), [ScriptStep('slow: one', out('s1'), WAIT_FOR_A_SECOND_THREAD),
+                                                        ScriptStep('slow: two', out('s2'), RECORD_THREADS)])
+    runner = scheduler.Runner([slow, quick], 2, 'laptop', [], {}, cores=2)
+    runner.run()
+    assert runner.failures == []
+    assert (tmp_path / 'q1').read_text() == '1'
+    # the slow sequence's running step saw its file go to 2; its next step started with 2 threads
+    assert (tmp_path / 's1').read_text() == '1 then 2'
+    assert (tmp_path / 's2').read_text() == '2'
+    assert '[cores] slow now runs with 2 threads' in capsys.readouterr().out
+    assert 'OMP_NUM_THREADS=2 ' in (tmp_path / 'slow.log').read_text().split('slow: two')[1]
+    assert not os.path.exists(runner.threads_dir)  # the thread files go with the run
+
+
+def test_freed_cores_go_to_a_waiting_sequence_first_then_to_the_fewest_threads(tmp_path):
+    seqs = pipeline.sequences(str(tmp_path))
+    runner = scheduler.Runner(seqs, 2, 'laptop', [], {}, cores=3)
+    runner.threads_dir = str(tmp_path)
+    runner.running = {'synthesizer': {}, 'vanilla': {}}
+    runner.threads = {'synthesizer': 1, 'vanilla': 1}
+    runner.share_free_cores()  # the two waiting sequences get the cores the running ones leave
+    assert runner.threads == {'synthesizer': 1, 'vanilla': 1}
+    runner.pending = []
+    runner.share_free_cores()  # 3 cores for 2 sequences: the first started gets the spare one
+    assert runner.threads == {'synthesizer': 2, 'vanilla': 1}
+    assert (tmp_path / 'synthesizer').read_text() == '2' and not (tmp_path / 'vanilla').exists()
+    del runner.running['synthesizer'], runner.threads['synthesizer']
+    runner.share_free_cores()
+    assert runner.threads == {'vanilla': 3}
+    # without `cores` (OMP_NUM_THREADS set by the user, one job, or a GPU) the threads are left alone
+    fixed = scheduler.Runner(seqs, 2, 'laptop', [], {'OMP_NUM_THREADS': '1'})
+    fixed.running, fixed.pending = {'vanilla': {}}, []
+    fixed.share_free_cores()
+    assert fixed.threads == {} and fixed.step_env(seqs[2]) == {'OMP_NUM_THREADS': '1'}
+
+
+def test_a_training_step_takes_up_the_threads_its_file_names(tmp_path):
+    threads = tmp_path / 'threads'
+    threads.write_text('2')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PIPELINE_THREADS_FILE=str(threads), CUDA_VISIBLE_DEVICES='')
+    result = subprocess.run([sys.executable, 'src/run.py', 'pretrain', 'vanilla', 'wiki.txt', '--writing_params_path',
+                             str(tmp_path / 'p'), '--max_steps', '3', '--batch_size', '8', *TINY[2:]],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count('threads: ') == 1 and 'threads: 1 -> 2 from step 2\n' in result.stdout
+
+
+def test_a_thread_file_that_is_missing_or_not_a_number_changes_nothing(tmp_path, single_thread):
+    import torch
+
+    import training
+
+    class Run:
+        step = 5
+
+    follow = training.FollowThreads(str(tmp_path / 'threads'))
+    follow(Run())  # no file yet
+    for text in ('', 'two', '0', '-1'):
+        (tmp_path / 'threads').write_text(text)
+        follow(Run())
+        assert torch.get_num_threads() == 1
