@@ -261,6 +261,8 @@ class Runner:
         for key in given:
             self.write_threads(key)
             self.say(f'[cores] {key} now runs with {self.threads[key]} threads')
+            self.commands.append((key, f'# the step above went on with {self.threads[key]} threads, from the step '
+                                       f'its log names: a core another sequence left', None, False))
 
     def finish(self, key, returncode):
         job = self.running.pop(key)

@@ -225,6 +225,9 @@ def test_a_core_a_finished_sequence_leaves_goes_to_one_still_running(tmp_path, c
     assert (tmp_path / 's1').read_text() == '1 then 2'
     assert (tmp_path / 's2').read_text() == '2'
     assert '[cores] slow now runs with 2 threads' in capsys.readouterr().out
+    commands = [command for key, command, _, _ in runner.commands if key == 'slow']  # as results.md lists them
+    assert len(commands) == 3 and commands[0].startswith('OMP_NUM_THREADS=1 ') and commands[2].startswith(
+        'OMP_NUM_THREADS=2 ') and commands[1].startswith('# the step above went on with 2 threads')
     assert 'OMP_NUM_THREADS=2 ' in (tmp_path / 'slow.log').read_text().split('slow: two')[1]
     assert not os.path.exists(runner.threads_dir)  # the thread files go with the run
 
