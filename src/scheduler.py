@@ -185,7 +185,7 @@ class Runner:
         self.order = [seq.key for seq in seqs]
         self.logs = {seq.key: seq.log for seq in seqs}
         self.failures = []    # one line per failed step
-        self.commands = []    # (sequence key, shell command or None, step, skipped)
+        self.commands = []    # (sequence key, shell command or a comment, step or None, skipped)
         self.ran = 0          # steps run (not skipped) in this invocation
         self.threads = {}     # with `cores`: sequence key -> the threads its steps run with
         self.threads_dir = None
@@ -241,7 +241,7 @@ class Runner:
         """Write the threads of sequence `key` to its file (whole, by renaming), for training.FollowThreads."""
         if self.threads_dir is None:
             self.threads_dir = tempfile.mkdtemp(prefix='pipeline-threads-')
-        path = os.path.join(self.threads_dir, key)
+        path = os.path.join(self.threads_dir, key.replace('/', '_'))  # a comparison's keys are VARIANT/seedN
         with open(path + '.tmp', 'w', encoding='utf-8') as f:
             f.write(str(self.threads[key]))
         os.replace(path + '.tmp', path)
@@ -253,16 +253,20 @@ class Runner:
         but a core left idle is slower still)."""
         if self.cores is None or self.pending or not self.running:
             return
-        given = set()
+        given = []
         for _ in range(self.cores - sum(self.threads[key] for key in self.running)):
             key = min(self.running, key=lambda k: self.threads[k])
             self.threads[key] += 1
-            given.add(key)
+            given += [key] if key not in given else []
         for key in given:
             self.write_threads(key)
             self.say(f'[cores] {key} now runs with {self.threads[key]} threads')
-            self.commands.append((key, f'# the step above went on with {self.threads[key]} threads, from the step '
-                                       f'its log names: a core another sequence left', None, False))
+            step = self.running[key].get('step')
+            if step is not None and step.metrics is not None:  # a training step takes them up as it goes
+                rows = last_metrics(step.metrics, self.running[key]['start'] - 1)
+                after = f' after step {rows[-1]["step"]} or so' if rows else ''
+                self.commands.append((key, f'# the step above went on with {self.threads[key]} threads{after} '
+                                           f'(its log names the step): a core another sequence left', None, False))
 
     def finish(self, key, returncode):
         job = self.running.pop(key)

@@ -10,12 +10,13 @@ import distributed
 import trainer
 import utils
 
-THREADS_FILE = 'PIPELINE_THREADS_FILE'  # set by pipeline.py: names a file holding the threads this step may use
+THREADS_FILE = 'PIPELINE_THREADS_FILE'  # set by pipeline.py's runner: a file holding the threads this step may use
 
 
 class FollowThreads:
-    """After each step, the thread count pipeline.py last wrote to `path`: a core that another sequence no
-    longer needs goes to this run from its next step on. (Reading a few bytes a step costs microseconds.)"""
+    """After each step, the thread count pipeline.py's runner (scheduler.Runner) last wrote to `path`: a core
+    that another sequence no longer needs goes to this run from its next step on. (Reading a few bytes a step
+    costs microseconds.) Not with --compile: compiled CPU kernels keep the thread count they were built with."""
 
     def __init__(self, path):
         self.path = path
@@ -74,7 +75,7 @@ def train(args, gpt, train_dataset, train_settings, device, info=None, saved=Non
                                    checkpoint_path=args.checkpoint_path, checkpoint_minutes=args.checkpoint_minutes,
                                    checkpoint_info=info, **train_settings)
     t = trainer.Trainer(gpt, train_dataset, None, config, device=device)
-    if os.environ.get(THREADS_FILE):
+    if os.environ.get(THREADS_FILE) and not args.compile:
         t.add_callback('on_batch_end', FollowThreads(os.environ[THREADS_FILE]))
     if distributed.rank() > 0:
         utils.set_seed(args.seed + distributed.rank())

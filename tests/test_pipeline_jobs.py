@@ -192,18 +192,24 @@ def test_a_missing_corpus_counts_as_empty_when_ordering(tmp_path):
 
 
 class ScriptStep(scheduler.Step):
-    """A step that runs a Python snippet (given its output path as argv[1]) instead of run.py."""
+    """A step that runs a Python snippet (given its output path as argv[1]) instead of run.py; with `training`,
+    the scheduler takes it for a training step writing OUTPUT.metrics.jsonl."""
 
-    def __init__(self, name, output, script):
+    def __init__(self, name, output, script, training=False):
         super().__init__(name, name, output, ['evaluate'])
-        self.script = script
+        self.script, self.training = script, training
 
     def command(self, recipe, extra):
         return [sys.executable, '-c', self.script, self.output]
 
+    @property
+    def metrics(self):
+        return self.output + '.metrics.jsonl' if self.training else None
+
 
 WAIT_FOR_A_SECOND_THREAD = '''
 import os, sys, time
+open(sys.argv[1] + '.metrics.jsonl', 'w').write('{"step": 7, "wall_s": 1.0}\\n')
 path, deadline = os.environ['PIPELINE_THREADS_FILE'], time.time() + 60
 while open(path).read() != '2' and time.time() < deadline:
     time.sleep(0.05)
@@ -215,8 +221,9 @@ RECORD_THREADS = "import os, sys; open(sys.argv[1], 'w').write(os.environ['OMP_N
 def test_a_core_a_finished_sequence_leaves_goes_to_one_still_running(tmp_path, capsys):
     out = lambda name: str(tmp_path / name)  # noqa: E731
     quick = scheduler.Sequence('quick', out('quick.log'), [ScriptStep('quick: one', out('q1'), RECORD_THREADS)])
-    slow = scheduler.Sequence('slow', out('slow.log'), [ScriptStep('slow: one', out('s1'), WAIT_FOR_A_SECOND_THREAD),
-                                                        ScriptStep('slow: two', out('s2'), RECORD_THREADS)])
+    slow = scheduler.Sequence('slow', out('slow.log'), [
+        ScriptStep('slow: one', out('s1'), WAIT_FOR_A_SECOND_THREAD, training=True),
+        ScriptStep('slow: two', out('s2'), RECORD_THREADS)])
     runner = scheduler.Runner([slow, quick], 2, 'laptop', [], {}, cores=2)
     runner.run()
     assert runner.failures == []
@@ -227,7 +234,7 @@ def test_a_core_a_finished_sequence_leaves_goes_to_one_still_running(tmp_path, c
     assert '[cores] slow now runs with 2 threads' in capsys.readouterr().out
     commands = [command for key, command, _, _ in runner.commands if key == 'slow']  # as results.md lists them
     assert len(commands) == 3 and commands[0].startswith('OMP_NUM_THREADS=1 ') and commands[2].startswith(
-        'OMP_NUM_THREADS=2 ') and commands[1].startswith('# the step above went on with 2 threads')
+        'OMP_NUM_THREADS=2 ') and commands[1].startswith('# the step above went on with 2 threads after step 7 or so')
     assert 'OMP_NUM_THREADS=2 ' in (tmp_path / 'slow.log').read_text().split('slow: two')[1]
     assert not os.path.exists(runner.threads_dir)  # the thread files go with the run
 
@@ -238,7 +245,7 @@ def test_freed_cores_go_to_a_waiting_sequence_first_then_to_the_fewest_threads(t
     runner.threads_dir = str(tmp_path)
     runner.running = {'synthesizer': {}, 'vanilla': {}}
     runner.threads = {'synthesizer': 1, 'vanilla': 1}
-    runner.share_free_cores()  # the two waiting sequences get the cores the running ones leave
+    runner.share_free_cores()  # while sequences wait, a freed core is theirs: nothing changes
     assert runner.threads == {'synthesizer': 1, 'vanilla': 1}
     runner.pending = []
     runner.share_free_cores()  # 3 cores for 2 sequences: the first started gets the spare one
@@ -252,6 +259,18 @@ def test_freed_cores_go_to_a_waiting_sequence_first_then_to_the_fewest_threads(t
     fixed.running, fixed.pending = {'vanilla': {}}, []
     fixed.share_free_cores()
     assert fixed.threads == {} and fixed.step_env(seqs[2]) == {'OMP_NUM_THREADS': '1'}
+
+
+def test_a_comparisons_sequences_get_thread_files_too(tmp_path):
+    seqs = pipeline.comparison(str(tmp_path), ['vanilla', 'synthesizer'], [0, 1])
+    runner = scheduler.Runner(seqs, 2, 'laptop', [], {}, cores=2)
+    try:
+        for seq in seqs:  # keys such as vanilla/seed1
+            env = runner.step_env(seq)
+            assert env['OMP_NUM_THREADS'] == '1' and open(env['PIPELINE_THREADS_FILE']).read() == '1'
+        assert len(os.listdir(runner.threads_dir)) == len(seqs)
+    finally:
+        shutil.rmtree(runner.threads_dir)
 
 
 def test_a_training_step_takes_up_the_threads_its_file_names(tmp_path):
