@@ -11,10 +11,10 @@ Runs the assignment's command sequences through src/run.py:
 The sequences are independent: --jobs N runs up to N of them at once, each
 step in its own process, the longest first (default: up to four on a machine
 with a CUDA GPU, else one per CPU core, each with a share of the cores'
-threads; once nothing waits, a core a finished sequence leaves goes to one
-still running, from its next optimizer step; set OMP_NUM_THREADS to fix
-every step's threads instead; docs/recipes.md has the timings on a 2-core
-CPU). Each sequence's
+threads; on a CPU, once nothing waits, each core no running sequence uses
+goes to one still running, from its next optimizer step: set
+OMP_NUM_THREADS to fix every step's threads instead; docs/recipes.md has
+the timings on a 2-core CPU). Each sequence's
 output goes to OUTDIR/logs/NAME.log and one status line shows every
 sequence's step, progress and ETA.
 
