@@ -249,16 +249,16 @@ class Runner:
 
     def share_free_cores(self):
         """Once no sequence waits, each core the running steps leave free goes to the running sequence with the
-        fewest threads (a step run one thread each beside another is faster than one of two threads alone,
-        but a core left idle is slower still)."""
+        fewest threads. (Steps start with cores // jobs threads since runs side by side get through more
+        steps than the same runs one after another with all the cores; a core left idle does nothing.)"""
         if self.cores is None or self.pending or not self.running:
             return
         given = []
         for _ in range(self.cores - sum(self.threads[key] for key in self.running)):
             key = min(self.running, key=lambda k: self.threads[k])
             self.threads[key] += 1
-            given += [key] if key not in given else []
-        for key in given:
+            given.append(key)
+        for key in dict.fromkeys(given):
             self.write_threads(key)
             self.say(f'[cores] {key} now runs with {self.threads[key]} threads')
             step = self.running[key].get('step')
