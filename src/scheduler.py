@@ -1,10 +1,7 @@
 """pipeline.py's scheduler: sequences of steps run as processes, up to N at once, and their status line."""
 import datetime
 import functools
-import json
-import math
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -14,6 +11,7 @@ import tempfile
 import time
 
 import recipes
+from step_progress import duration, last_line, last_metrics, progress, read_from, settings_of, total_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATUS_EVERY_S = 30   # how often the status line is printed when stdout is not a terminal
@@ -62,36 +60,6 @@ class Sequence:
         self.key, self.log, self.steps = key, log, steps
 
 
-def last_metrics(path, since, size=16384):
-    """The last complete lines of a metrics JSONL file, if it was written since `since` (else [])."""
-    try:
-        stat = os.stat(path)
-        if stat.st_mtime < since:
-            return []  # a file left by an earlier run, not yet rewritten
-        with open(path, 'rb') as f:
-            start = max(0, stat.st_size - size)
-            f.seek(start)
-            lines = f.read().split(b'\n')
-    except OSError:
-        return []
-    lines = lines[1 if start else 0:-1]  # a partial first line (after seeking), and the unfinished last one
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return rows
-
-
-def settings_of(text, function):
-    """The key=value settings of the line run.py prints first (`pretrain vanilla: recipe=... max_epochs=...`)."""
-    for line in text.splitlines():
-        if line.startswith(function + ' ') and '=' in line:
-            return dict(re.findall(r'(\w+)=(\S+)', line))
-    return None
-
-
 @functools.lru_cache(maxsize=None)
 def count_examples(path):
     """How many training examples a corpus gives: its lines (documents or question-place pairs)."""
@@ -131,41 +99,6 @@ def training_examples(seq, recipe, extra=()):
     return total
 
 
-def total_steps(settings, n_examples):
-    """Optimizer steps of a training run with these printed settings, or None when they do not say."""
-    try:
-        total = int(settings['max_epochs']) * math.ceil(n_examples / int(settings['batch_size']))
-        if settings.get('max_steps', 'None') != 'None':
-            total = min(total, int(settings['max_steps']))
-        return total
-    except (KeyError, ValueError, ZeroDivisionError):
-        return None
-
-
-def duration(seconds):
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f'{seconds}s'
-    if seconds < 3600:
-        return f'{seconds // 60}m{seconds % 60:02d}s'
-    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
-
-
-def progress(rows, total, elapsed):
-    """`step 1200/5290 ETA 3m10s` from a running step's last metrics rows (time per step over the last ones)."""
-    if not rows:
-        return f'starting ({duration(elapsed)})'
-    step = rows[-1]['step']
-    if total is None:
-        return f'step {step}'
-    first, last = rows[0], rows[-1]
-    if last['step'] > first['step']:
-        per_step = (last['wall_s'] - first['wall_s']) / (last['step'] - first['step'])
-    else:
-        per_step = last['wall_s'] / max(1, last['step'])
-    return f'step {step}/{total} ETA {duration(max(0, total - step) * per_step)}'
-
-
 class Runner:
     """Runs sequences, up to `jobs` at once, one process per step, and keeps a status line.
 
@@ -187,7 +120,7 @@ class Runner:
         self.failures = []    # one line per failed step
         self.commands = []    # (sequence key, shell command or a comment, step or None, skipped)
         self.ran = 0          # steps run (not skipped) in this invocation
-        self.threads = {}     # with `cores`: sequence key -> the threads its steps run with
+        self.threads = {}     # with `cores`: sequence key -> the threads its steps run (or last ran) with
         self.threads_dir = None
         self.tty = sys.stdout.isatty()
         self.status_shown = False
@@ -261,9 +194,9 @@ class Runner:
         for key in dict.fromkeys(given):
             self.write_threads(key)
             self.say(f'[cores] {key} now runs with {self.threads[key]} threads')
-            step = self.running[key].get('step')
-            if step is not None and step.metrics is not None:  # a training step takes them up as it goes
-                rows = last_metrics(step.metrics, self.running[key]['start'] - 1)
+            job = self.running[key]
+            if job['step'].metrics is not None:  # a training step takes them up as it goes
+                rows = last_metrics(job['step'].metrics, job['start'] - 1)
                 after = f' after step {rows[-1]["step"]} or so' if rows else ''
                 self.commands.append((key, f'# the step above went on with {self.threads[key]} threads{after} '
                                            f'(its log names the step): a core another sequence left', None, False))
@@ -274,7 +207,6 @@ class Runner:
         seq, step = job['seq'], job['step']
         if returncode != 0:
             self.state[key] = 'failed'
-            self.threads.pop(key, None)
             self.failures.append(f'pipeline stopped: step "{step.name}" failed (exit status {returncode}); '
                                  f'log: {seq.log}' + last_line(seq.log, job['log_offset']))
             self.say(f'[fail] {step.name} (exit status {returncode}; log: {seq.log})')
@@ -285,8 +217,6 @@ class Runner:
             self.ran += 1
             self.say(f'[done] {step.name} in {duration(time.time() - job["start"])}')
         self.advance(seq, job['index'] + 1)
-        if key not in self.running:  # the sequence is done: its threads are free
-            self.threads.pop(key, None)
 
     def describe(self, key):
         job = self.running.get(key)
@@ -352,19 +282,3 @@ class Runner:
         for job in self.running.values():
             job['process'].wait()
             job['log'].close()
-
-
-def read_from(path, offset, size=65536):
-    try:
-        with open(path, encoding='utf-8', errors='replace') as f:
-            f.seek(offset)
-            return f.read(size)
-    except OSError:
-        return ''
-
-
-def last_line(path, offset, prefix='; it ends: '):
-    """The last non-empty line a step wrote to its log (a progress bar's last state if nothing follows it)."""
-    text = read_from(path, offset, size=1 << 24)
-    lines = [line.strip() for line in re.split(r'[\r\n]', text) if line.strip()]
-    return prefix + lines[-1][:500] if lines else ''

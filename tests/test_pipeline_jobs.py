@@ -243,7 +243,8 @@ def test_freed_cores_go_to_a_waiting_sequence_first_then_to_the_fewest_threads(t
     seqs = pipeline.sequences(str(tmp_path))
     runner = scheduler.Runner(seqs, 2, 'laptop', [], {}, cores=3)
     runner.threads_dir = str(tmp_path)
-    runner.running = {'synthesizer': {}, 'vanilla': {}}
+    runner.running = {key: dict(step=seq.steps[0], start=time.time()) for key, seq in (('synthesizer', seqs[3]),
+                                                                                     ('vanilla', seqs[2]))}
     runner.threads = {'synthesizer': 1, 'vanilla': 1}
     runner.share_free_cores()  # while sequences wait, a freed core is theirs: nothing changes
     assert runner.threads == {'synthesizer': 1, 'vanilla': 1}
@@ -256,7 +257,7 @@ def test_freed_cores_go_to_a_waiting_sequence_first_then_to_the_fewest_threads(t
     assert runner.threads == {'vanilla': 3}
     # without `cores` (OMP_NUM_THREADS set by the user, one job, or a GPU) the threads are left alone
     fixed = scheduler.Runner(seqs, 2, 'laptop', [], {'OMP_NUM_THREADS': '1'})
-    fixed.running, fixed.pending = {'vanilla': {}}, []
+    fixed.running, fixed.pending = {'vanilla': runner.running['vanilla']}, []
     fixed.share_free_cores()
     assert fixed.threads == {} and fixed.step_env(seqs[2]) == {'OMP_NUM_THREADS': '1'}
 
