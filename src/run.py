@@ -267,7 +267,8 @@ def main(argv=None):
         distributed.shutdown()
     except checks.BadInput as e:
         prog = f'run.py (rank {distributed.rank()})' if distributed.rank() else 'run.py'
-        print(f'{prog}: error: {e}', file=sys.stderr, flush=True)
+        sys.stderr.write(f'{prog}: error: {e}\n')  # one write: with several ranks, lines must not interleave
+        sys.stderr.flush()
         distributed.let_main_exit_first()
         sys.exit(e.code)
     except checkpoint.TrainingInterrupted as e:
