@@ -9,7 +9,7 @@ WEIGHT_DECAY_ON = ('all', 'matrices')   # see decays
 
 
 def lr_multiplier(tokens, config):
-    """Linear warmup over warmup_tokens, then a cosine floored at 0.1.
+    """Linear warmup over warmup_tokens, then a cosine floored at lr_floor (the original's 0.1).
 
     progress is deliberately not clamped: past final_tokens the cosine rises
     again, as in the original (the default recipes run past it).
@@ -17,7 +17,7 @@ def lr_multiplier(tokens, config):
     if tokens < config.warmup_tokens:
         return float(tokens) / float(max(1, config.warmup_tokens))
     progress = float(tokens - config.warmup_tokens) / float(max(1, config.final_tokens - config.warmup_tokens))
-    return max(0.1, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(config.lr_floor, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def scheduled_lr(tokens, config):

@@ -57,6 +57,7 @@ class TrainerConfig:
     lr_decay = False
     warmup_tokens = 375e6  # these two numbers come from the GPT-3 paper
     final_tokens = 260e9   # (at what point we reach 10% of original LR)
+    lr_floor = 0.1         # the cosine stops falling at this fraction of the peak rate
     ckpt_path = None       # the model's state dict is saved here after every epoch
     num_workers = 0
     # additions; the defaults leave the original computation as it was

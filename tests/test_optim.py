@@ -37,6 +37,15 @@ def test_lr_multiplier_values(tokens, expected):
     assert optim.lr_multiplier(tokens, SCHED) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize('lr_floor', [0.0, 0.05])
+def test_lr_floor_sets_where_the_cosine_stops(lr_floor):
+    sched = trainer.TrainerConfig(lr_decay=True, warmup_tokens=1000, final_tokens=11000, lr_floor=lr_floor)
+    at_0_7 = 0.5 * (1 + math.cos(math.pi * 0.7))
+    assert optim.lr_multiplier(1000 + 7000, sched) == pytest.approx(at_0_7, rel=1e-9)   # above either floor
+    assert optim.lr_multiplier(1000 + 9500, sched) == pytest.approx(max(lr_floor, 0.5 * (1 + math.cos(math.pi * 0.95))))
+    assert optim.lr_multiplier(11000, sched) == pytest.approx(lr_floor, abs=1e-12)          # progress 1
+
+
 def test_lr_multiplier_rises_past_progress_one():
     at_1_8 = optim.lr_multiplier(1000 + 18000, SCHED)
     assert at_1_8 == pytest.approx(0.9045084971874737, rel=1e-9)
