@@ -50,8 +50,8 @@ OVERRIDES = {
     'max_steps': ('train', dict(type=int, help='stop after this many optimizer steps')),
     'batch_size': ('train', dict(type=int, help='batch size')),
     'learning_rate': ('train', dict(type=float, help='peak learning rate')),
-    'lr_floor': ('train', dict(type=float, help="the learning rate's floor, a fraction of the peak "
-                                                "(0.1, the original: reached 80%% of the way through the cosine)")),
+    'lr_floor': ('train', dict(type=float, help="where the cosine stops falling, a fraction of the peak rate "
+                                                "(the original: 0.1)")),
     'weight_decay': ('train', dict(type=float, help='AdamW weight decay (on the parameters --weight_decay_on picks)')),
     'precision': ('train', dict(choices=steps.PRECISIONS,
                                 help="'bf16': autocast; 'auto': bf16 on a capable GPU, else fp32; "
