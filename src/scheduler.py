@@ -68,14 +68,19 @@ def count_examples(path):
     return len(lines) - (lines[-1] == '')
 
 
+def names_max_epochs(flag):
+    """Whether run.py's parser reads `flag` as --max_epochs: the whole name or an abbreviation of it that no
+    other option of run.py shares ('--max_' is also --max_steps's)."""
+    return len(flag) >= len('--max_e') and '--max_epochs'.startswith(flag)
+
+
 def epochs_given(extra):
     """The --max_epochs that flags passed to every step set (the last one given), or None."""
     epochs = None
     for i, flag in enumerate(extra):
-        if flag == '--max_epochs' and i + 1 < len(extra):
-            epochs = extra[i + 1]
-        elif flag.startswith('--max_epochs='):
-            epochs = flag.split('=', 1)[1]
+        name, equals, value = flag.partition('=')
+        if names_max_epochs(name):
+            epochs = value if equals else extra[i + 1] if i + 1 < len(extra) else None
     try:
         return int(epochs)
     except (TypeError, ValueError):  # none given, or not a number: run.py says what is wrong

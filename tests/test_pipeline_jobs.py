@@ -172,6 +172,19 @@ def test_more_than_one_job_starts_the_longest_sequences_first(tmp_path):
     assert runner.order == ['london', 'no-pretrain', 'vanilla', 'synthesizer']  # the status line keeps its order
 
 
+def test_the_max_epochs_pipeline_reads_is_the_one_run_py_reads(capsys):
+    import run
+    parser = run.build_parser()
+    for n in range(len('--m'), len('--max_epochs') + 1):
+        for flags in (['--max_epochs'[:n], '9'], ['--max_epochs'[:n] + '=9']):
+            try:
+                read = parser.parse_args(['pretrain', 'vanilla', 'wiki.txt', *flags]).max_epochs
+            except SystemExit:  # ambiguous ('--max' is --max_steps's too) or unknown: run.py stops there
+                read = None
+            assert scheduler.epochs_given(flags) == read, flags
+    capsys.readouterr()
+
+
 def test_max_epochs_given_to_every_step_sizes_the_sequences(tmp_path):
     seqs = pipeline.sequences(str(tmp_path))
     for extra in (['--seed', '1', '--max_epochs', '3'], ['--max_epochs=3']):
@@ -180,6 +193,7 @@ def test_max_epochs_given_to_every_step_sizes_the_sequences(tmp_path):
     assert scheduler.epochs_given(['--max_epochs', '3', '--max_epochs', '7']) == 7  # the last one counts
     assert scheduler.epochs_given(['--max_epochs', 'many']) is None  # run.py says what is wrong with it
     assert scheduler.epochs_given(['--seed', '1']) is None
+    assert scheduler.epochs_given(['--max_ep', '4', '--max_epochs=5', '--max_e=6']) == 6  # abbreviations too
     # 3 epochs for every step: vanilla and the synthesizer tie, and a tie keeps the listed order
     started = [seq.key for seq in scheduler.Runner(seqs, 2, 'laptop', ['--max_epochs', '3'], {}).pending]
     assert started == ['vanilla', 'synthesizer', 'no-pretrain', 'london']
