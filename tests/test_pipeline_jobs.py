@@ -313,3 +313,26 @@ def test_a_thread_file_that_is_missing_or_not_a_number_changes_nothing(tmp_path,
         (tmp_path / 'threads').write_text(text)
         follow(Run())
         assert torch.get_num_threads() == 1
+
+
+def test_a_compiled_run_keeps_the_threads_it_started_with(tmp_path, monkeypatch):
+    """Compiled CPU kernels keep the thread count they were built with, so --compile takes no freed core."""
+    import argparse
+
+    import torch
+
+    import model
+    import trainer
+    import training
+
+    trained = []
+    monkeypatch.setattr(trainer.Trainer, 'train', lambda self: trained.append(self))
+    monkeypatch.setenv(training.THREADS_FILE, str(tmp_path / 'threads'))
+    gpt = model.GPT(model.GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    for compile in (False, True):
+        args = argparse.Namespace(metrics_path=None, compile=compile, quiet=True, seed=0, checkpoint_minutes=10,
+                                  checkpoint_path=str(tmp_path / 'ckpt'), writing_params_path=str(tmp_path / 'p'))
+        training.train(args, gpt, [], {}, torch.device('cpu'))
+    followers = [[f for f in t.callbacks['on_batch_end'] if isinstance(f, training.FollowThreads)] for t in trained]
+    assert [len(f) for f in followers] == [1, 0]
+    assert followers[0][0].path == str(tmp_path / 'threads')
