@@ -80,7 +80,7 @@ def epochs_given(extra):
     for i, flag in enumerate(extra):
         name, equals, value = flag.partition('=')
         if names_max_epochs(name):
-            epochs = value if equals else extra[i + 1] if i + 1 < len(extra) else None
+            epochs = value if equals else (extra[i + 1] if i + 1 < len(extra) else None)
     try:
         return int(epochs)
     except (TypeError, ValueError):  # none given, or not a number: run.py says what is wrong

@@ -172,7 +172,7 @@ def test_more_than_one_job_starts_the_longest_sequences_first(tmp_path):
     assert runner.order == ['london', 'no-pretrain', 'vanilla', 'synthesizer']  # the status line keeps its order
 
 
-def test_the_max_epochs_pipeline_reads_is_the_one_run_py_reads(capsys):
+def test_the_max_epochs_pipeline_reads_is_the_one_run_py_reads():
     import run
     parser = run.build_parser()
     for n in range(len('--m'), len('--max_epochs') + 1):
@@ -182,7 +182,6 @@ def test_the_max_epochs_pipeline_reads_is_the_one_run_py_reads(capsys):
             except SystemExit:  # ambiguous ('--max' is --max_steps's too) or unknown: run.py stops there
                 read = None
             assert scheduler.epochs_given(flags) == read, flags
-    capsys.readouterr()
 
 
 def test_max_epochs_given_to_every_step_sizes_the_sequences(tmp_path):
