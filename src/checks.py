@@ -90,6 +90,9 @@ def check_settings(model_settings, train_settings, block_size, processes=1):
     for name in ('embd_pdrop', 'resid_pdrop', 'attn_pdrop'):
         if not 0 <= settings.get(name, 0) < 1:
             raise BadInput(f'--dropout must be in [0, 1), got {settings[name]}', USAGE)
+    if settings.get('optimizer') == 'muon' and settings.get('train_step', 'default') != 'default':
+        raise BadInput("--optimizer muon runs with the default training step only (--train_step fixed|graph "
+                       "needs fused AdamW to skip a diverged step); leave --train_step out", USAGE)
     if processes > 1:
         if settings.get('batching') == 'stratified':
             raise BadInput('--batching stratified (the laptop recipe\'s) runs in one process only; '

@@ -1,4 +1,4 @@
-"""AdamW with its weight-decay groups, and the token-based warmup + cosine schedule of its learning rate."""
+"""AdamW (or Muon) with its weight-decay groups, and the token-based warmup + cosine schedule of its learning rate."""
 import math
 
 import torch
@@ -6,6 +6,7 @@ import torch
 import utils
 
 WEIGHT_DECAY_ON = ('all', 'matrices')   # see decays
+OPTIMIZERS = ('adamw', 'muon')          # see make_optimizer
 
 
 def lr_multiplier(tokens, config):
@@ -40,8 +41,82 @@ def decays(name, param, weight_decay_on):
     return param.dim() == 2 and not name.startswith('tok_emb')
 
 
+def orthogonalized(matrix, steps=5):
+    """About U V^T for matrix = U S V^T: the matrix with every singular value moved towards 1.
+
+    A quintic Newton-Schulz iteration (the coefficients of Jordan et al.'s
+    Muon) on the matrix scaled to spectral norm at most 1: it maps each
+    singular value s to a x + b x^3 + c x^5 repeatedly, which drives every s
+    above about 1e-3 into roughly [0.7, 1.2] in five steps. Only matrix
+    products, no SVD.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix / (matrix.norm() + 1e-7)  # the Frobenius norm bounds the spectral norm
+    wide = x.size(0) <= x.size(1)
+    if not wide:
+        x = x.T  # the products below are then square in the smaller side
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+def is_hidden_matrix(name, param):
+    """Whether Muon updates this parameter: a 2-D weight inside the network, not the token embedding or the head."""
+    return param.dim() == 2 and name not in ('tok_emb.weight', 'head.weight')
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the hidden matrices, AdamW for every other parameter, at one learning rate.
+
+    A group with `muon=True` takes SGD momentum (Nesterov, `momentum`) whose
+    update is orthogonalized and scaled by 0.2 sqrt(max(rows, cols)), which
+    gives it about the root-mean-square size of an AdamW update, so the same
+    learning rate and decoupled weight decay serve both kinds (the scaling of
+    Liu et al., "Muon is scalable for LLM training"). Every other group is
+    AdamW as torch.optim.AdamW computes it.
+    """
+
+    def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0, muon=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, weight_decay = group['lr'], group['weight_decay']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                p.mul_(1 - lr * weight_decay)
+                if group['muon']:
+                    if not state:
+                        state['momentum_buffer'] = torch.zeros_like(p)
+                    buffer = state['momentum_buffer']
+                    buffer.mul_(group['momentum']).add_(p.grad)
+                    update = orthogonalized(p.grad.add(buffer, alpha=group['momentum']))
+                    p.add_(update, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
+                    continue
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                beta1, beta2 = group['betas']
+                state['step'] += 1
+                state['exp_avg'].lerp_(p.grad, 1 - beta1)
+                state['exp_avg_sq'].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denominator = (state['exp_avg_sq'] / (1 - beta2 ** state['step'])).sqrt_().add_(group['eps'])
+                p.addcdiv_(state['exp_avg'], denominator, value=-lr / (1 - beta1 ** state['step']))
+
+
 def make_optimizer(model, config, device):
-    """AdamW, weight decay on the parameters that `decays` picks."""
+    """AdamW (or with `config.optimizer == 'muon'`, Muon), weight decay on the parameters that `decays` picks."""
+    utils.check_choice('optimizer', config.optimizer, OPTIMIZERS)
+    if config.optimizer == 'muon':
+        groups = {}
+        for name, param in model.named_parameters():
+            key = (is_hidden_matrix(name, param), decays(name, param, config.weight_decay_on))
+            groups.setdefault(key, []).append(param)
+        return Muon([{'params': params, 'muon': muon, 'weight_decay': config.weight_decay if decay else 0.0}
+                     for (muon, decay), params in groups.items()], lr=config.learning_rate, betas=config.betas)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (decay if decays(name, param, config.weight_decay_on) else no_decay).append(param)

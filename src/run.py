@@ -63,6 +63,9 @@ OVERRIDES = {
     'weight_decay_on': ('train', dict(choices=optim.WEIGHT_DECAY_ON,
                                       help="'all' (the original: every parameter but biases) or 'matrices' "
                                            "(Linear weights and the Synthesizer's w2 only)")),
+    'optimizer': ('train', dict(choices=optim.OPTIMIZERS,
+                                help="'adamw' (the original) or 'muon': Muon for the 2-D weights inside the "
+                                     "network, AdamW for the rest, at the same learning rate")),
     'first_step_lr': ('train', dict(choices=trainer.FIRST_STEP_LRS,
                                     help="'full' (the original: the schedule is applied after each step, so the "
                                          "first step runs at the full learning rate) or 'scheduled' (every step, "

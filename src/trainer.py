@@ -67,6 +67,7 @@ class TrainerConfig:
     chunks = 1             # split each batch into this many length-sorted, trimmed pieces
     batching = 'random'    # one of batching.BATCHINGS
     weight_decay_on = 'all'  # one of optim.WEIGHT_DECAY_ON
+    optimizer = 'adamw'      # one of optim.OPTIMIZERS: 'muon' updates the hidden matrices with Muon
     first_step_lr = 'full'   # one of FIRST_STEP_LRS: 'full' is the original (see Trainer.train)
     fused_optimizer = 'auto'  # fused AdamW where the device supports it
     compile = False        # torch.compile the model

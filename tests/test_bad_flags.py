@@ -97,6 +97,9 @@ def test_missing_flag(tmp_path, capsys, argv, words):
     (['--precision', 'fp16'], ["argument --precision: invalid choice: 'fp16'", "'fp32', 'bf16', 'auto'"]),
     (['--batching', 'sorted'], ["argument --batching: invalid choice: 'sorted'", "'random', 'stratified'"]),
     (['--weight_decay_on', 'norms'], ["argument --weight_decay_on: invalid choice: 'norms'", "'all', 'matrices'"]),
+    (['--optimizer', 'sgd'], ["argument --optimizer: invalid choice: 'sgd'", "'adamw', 'muon'"]),
+    (['--optimizer', 'muon', '--train_step', 'fixed'], ['--optimizer muon runs with the default training step only',
+                                                         'leave --train_step out']),
     (['--checkpoint_minutes', '-1'], ['--checkpoint_minutes must be a finite number, 0 or more']),
     (['--device', 'no-such-device'], ['--device no-such-device: not usable here']),
     (['--resume'], []),  # checked below: pretrain --resume without a checkpoint is a file error

@@ -212,3 +212,100 @@ def test_weight_decay_on_matrices_leaves_norms_embeddings_and_biases_alone():
         assert 'head.weight' in expected and 'blocks.0.mlp.0.weight' in expected
     with pytest.raises(ValueError, match="use 'all' or 'matrices'"):
         optim.decays('head.weight', names['head.weight'], 'embeddings')
+
+
+# ---------------------------------------------------------------- Muon
+
+@pytest.mark.parametrize('shape', [(16, 16), (64, 16), (16, 48)])
+def test_orthogonalized_is_close_to_the_svd_polar_factor(shape):
+    g = torch.Generator().manual_seed(0)
+    matrix = torch.randn(shape, generator=g, dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    polar = u @ vh   # the slow reference: every singular value set to 1
+    fast = optim.orthogonalized(matrix)
+    assert fast.shape == matrix.shape
+    # the same singular vectors: in their bases the result is diagonal, with every value near 1
+    in_bases = u.T @ fast @ vh.T
+    diagonal = torch.diagonal(in_bases)
+    torch.testing.assert_close(in_bases, torch.diag(diagonal), rtol=0, atol=1e-9)
+    assert diagonal.min() > 0.6 and diagonal.max() < 1.25
+    cosine = (fast * polar).sum() / (fast.norm() * polar.norm())
+    assert cosine > 0.97
+
+
+def muon_config(**kwargs):
+    return trainer.TrainerConfig(optimizer='muon', learning_rate=0.01, weight_decay=0.1, **kwargs)
+
+
+def test_muon_groups_hidden_matrices_apart_from_embeddings_head_and_vectors():
+    for synthesizer in (False, True):
+        m = tiny_model(synthesizer)
+        opt = optim.make_optimizer(m, muon_config(), torch.device('cpu'))
+        assert isinstance(opt, optim.Muon)
+        of = {id(p): (group['muon'], group['weight_decay']) for group in opt.param_groups for p in group['params']}
+        names = dict(m.named_parameters())
+        assert len(of) == len(names)
+        muon = {name for name, p in names.items() if of[id(p)][0]}
+        linear_weights = {f'{name}.weight' for name, module in m.named_modules() if isinstance(module, torch.nn.Linear)}
+        expected = (linear_weights - {'head.weight'}) | ({'blocks.0.attn.w2'} if synthesizer else set())
+        assert muon == expected
+        for name, p in names.items():   # weight decay as with AdamW's original grouping
+            assert of[id(p)][1] == (0.0 if 'bias' in name else 0.1), name
+
+
+def test_muon_steps_adamw_groups_as_torch_adamw_does():
+    """Given the same gradients, the parameters outside Muon's groups move as torch.optim.AdamW moves them."""
+    reference, ours = tiny_model(), tiny_model()
+    cfg = muon_config()
+    torch_adamw = torch.optim.AdamW([{'params': [p for n, p in reference.named_parameters() if 'bias' not in n],
+                                      'weight_decay': 0.1},
+                                     {'params': [p for n, p in reference.named_parameters() if 'bias' in n],
+                                      'weight_decay': 0.0}], lr=0.01, betas=cfg.betas, foreach=False)
+    muon = optim.make_optimizer(ours, cfg, torch.device('cpu'))
+    x, y = toy_dataset()[:4]
+    for _ in range(3):
+        torch_adamw.zero_grad()
+        reference(x, y)[1].backward()
+        for a, b in zip(reference.parameters(), ours.parameters()):
+            b.grad = a.grad.clone()
+        torch_adamw.step()
+        muon.step()
+    moved_by_muon = 0
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        if optim.is_hidden_matrix(name, a):
+            moved_by_muon += 1
+            assert not torch.allclose(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    assert moved_by_muon == 6   # query, key, value, proj and the MLP's two
+
+
+def test_muon_step_on_a_matrix():
+    """Decay, Nesterov momentum, orthogonalization and the 0.2 sqrt(max side) scale, step by step."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.nn.Parameter(torch.randn(8, 24, generator=g))
+    grads = [torch.randn(8, 24, generator=g) for _ in range(2)]
+    opt = optim.Muon([{'params': [weight], 'muon': True, 'weight_decay': 0.1}], lr=0.02, betas=(0.9, 0.95))
+    expected, buffer = weight.detach().clone(), torch.zeros(8, 24)
+    for grad in grads:
+        weight.grad = grad.clone()
+        opt.step()
+        buffer = 0.95 * buffer + grad
+        expected = expected * (1 - 0.02 * 0.1) - 0.02 * 0.2 * 24 ** 0.5 * optim.orthogonalized(grad + 0.95 * buffer)
+        torch.testing.assert_close(weight.detach(), expected)
+    update_rms = (0.2 * 24 ** 0.5 * optim.orthogonalized(grads[0])).pow(2).mean().sqrt()
+    assert 0.12 < update_rms < 0.25   # about an AdamW update's size, as the scale intends
+
+
+def test_muon_state_survives_a_checkpoint_round_trip():
+    m, cfg = tiny_model(), muon_config()
+    opt = optim.make_optimizer(m, cfg, torch.device('cpu'))
+    x, y = toy_dataset()[:4]
+    m(x, y)[1].backward()
+    opt.step()
+    again = optim.make_optimizer(m, cfg, torch.device('cpu'))
+    optim.restore(again, opt.state_dict(), lr=0.005)
+    assert [group['lr'] for group in again.param_groups] == [0.005] * len(opt.param_groups)
+    for p in m.parameters():
+        for key, value in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(again.state[p][key]), torch.as_tensor(value))

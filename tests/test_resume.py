@@ -135,7 +135,7 @@ def test_same_seed_same_params_and_fresh_runs_rewrite_metrics(tmp_path, corpus):
 
 # --- resume after Ctrl-C, SIGTERM or a crash ------------------------------------------------
 
-@pytest.mark.parametrize('batching', [[], ['--batching', 'stratified', '--chunks', '2']])
+@pytest.mark.parametrize('batching', [[], ['--batching', 'stratified', '--chunks', '2'], ['--optimizer', 'muon']])
 def test_pretrain_interrupted_mid_epoch_resumes_identically(tmp_path, corpus, hook, capsys, batching):
     full = tmp_path / 'full.params'
     assert call(pretrain_argv(corpus, full) + batching) == 0
