@@ -1,10 +1,11 @@
 """Training-step throughput of the slow reference and each fast path, as ratios, in one process.
 
-    python bench/train_step.py [--variant vanilla] [--steps 6] [--batch_size 128]
+    python bench/train_step.py [--variant vanilla] [--model faithful] [--steps 6] [--batch_size 128]
 
-Every configuration trains the default model (4 layers, 8 heads, d=256,
-block 128) on the same span-corruption batches of wiki.txt; tokens/s counts
-batch_size * 127 positions per step, as the learning-rate schedule does.
+Every configuration trains the recipe's model (faithful: 4 layers, 8 heads,
+d=256; laptop: 4 layers, 4 heads, d=128, no dropout; block 128) on the same
+span-corruption batches of wiki.txt; tokens/s counts batch_size * 127
+positions per step, as the learning-rate schedule does.
 """
 import argparse
 import os
@@ -17,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'src'))
 import dataset  # noqa: E402
 import model  # noqa: E402
+import recipes  # noqa: E402
 import trainer  # noqa: E402
 import utils  # noqa: E402
 
@@ -30,6 +32,7 @@ CONFIGS = {
     '+ 4 length-sorted chunks, fp32': (True, dict(chunks=4)),
     'fused + trim, bf16 autocast': (True, dict(precision='bf16')),
     'fused + 4 chunks, bf16 autocast': (True, dict(precision='bf16', chunks=4)),
+    'fused + 4 chunks, Muon, fp32': (True, dict(chunks=4, optimizer='muon')),
 }
 
 
@@ -46,10 +49,11 @@ class FixedBatches(torch.utils.data.Dataset):
         return self.examples[i]
 
 
-def time_config(variant, fused, settings, examples, vocab_size, steps, batch_size, device, compile_model):
+def time_config(variant, model_settings, fused, settings, examples, vocab_size, steps, batch_size, device,
+                compile_model):
     utils.set_seed(0)
-    config = model.GPTConfig(vocab_size, 128, n_layer=4, n_head=8, n_embd=256,
-                             synthesizer=variant == 'synthesizer', fused_attention=fused)
+    config = model.GPTConfig(vocab_size, 128, synthesizer=variant == 'synthesizer', fused_attention=fused,
+                             **model_settings)
     gpt = model.GPT(config)
     warmup = 2
     train_config = trainer.TrainerConfig(max_epochs=1, max_steps=warmup, batch_size=batch_size, learning_rate=6e-3,
@@ -72,6 +76,7 @@ def time_config(variant, fused, settings, examples, vocab_size, steps, batch_siz
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--variant', choices=['vanilla', 'synthesizer'], default='vanilla')
+    parser.add_argument('--model', choices=['faithful', 'laptop'], default='faithful', help="the recipe's model")
     parser.add_argument('--steps', type=int, default=6, help='timed steps per configuration')
     parser.add_argument('--batch_size', type=int, default=128)
     parser.add_argument('--device', help='default: CUDA when present')
@@ -86,15 +91,15 @@ def main():
     examples = [corpus[i % len(corpus)] for i in range(args.batch_size * (args.steps + 2))]
     cpu = platform.processor() or platform.machine()
     where = torch.cuda.get_device_name() if device.type == 'cuda' else f'{cpu}, {torch.get_num_threads()} threads'
-    print(f'# training step, {args.variant}, batch {args.batch_size} x 127, {args.steps} timed steps; '
-          f'torch {torch.__version__}; {where}')
+    print(f'# training step, {args.variant} ({args.model} model), batch {args.batch_size} x 127, '
+          f'{args.steps} timed steps; torch {torch.__version__}; {where}')
     reference = None
     for name, (fused, settings) in CONFIGS.items():
         if reference is not None and args.only and not any(s in name for s in args.only):
             continue
         compile_model = args.compile and reference is not None
-        tps = time_config(args.variant, fused, settings, examples, corpus.vocab_size, args.steps,
-                          args.batch_size, device, compile_model)
+        tps = time_config(args.variant, recipes.RECIPES[args.model]['model'], fused, settings, examples,
+                          corpus.vocab_size, args.steps, args.batch_size, device, compile_model)
         reference = reference or tps
         print(f'{name + (" + compile" if compile_model else ""):45s} {tps:10.0f} tokens/s  {tps / reference:5.2f}x',
               flush=True)

@@ -157,10 +157,10 @@ def test_progress_and_durations():
 def test_more_than_one_job_starts_the_longest_sequences_first(tmp_path):
     seqs = pipeline.sequences(str(tmp_path))
     assert [seq.key for seq in seqs] == ['london', 'no-pretrain', 'vanilla', 'synthesizer']
-    # laptop: the synthesizer pretrains 320 epochs of 2,937 documents, vanilla 230; no pretraining is
-    # 75 epochs of 2,000 pairs, London none
+    # laptop: the synthesizer pretrains 320 epochs of 2,937 documents and finetunes 10 of 2,000 pairs, vanilla
+    # 150 and 5; no pretraining is 75 epochs of 2,000 pairs, London none
     assert [scheduler.training_examples(seq, 'laptop') for seq in seqs] == [
-        0, 75 * 2000, 230 * 2937 + 10 * 2000, 320 * 2937 + 10 * 2000]
+        0, 75 * 2000, 150 * 2937 + 5 * 2000, 320 * 2937 + 10 * 2000]
 
     def started(jobs, recipe):
         return [seq.key for seq in scheduler.Runner(seqs, jobs, recipe, [], {}).pending]

@@ -40,12 +40,13 @@ def test_laptop_recipe_changes_only_where_it_says():
     model_settings, pretrain = settings(['pretrain', 'vanilla', 'wiki.txt', '--writing_params_path', 'p',
                                          '--recipe', 'laptop'])
     assert model_settings == dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    assert pretrain == dict(faithful_pretrain, max_epochs=230, warmup_tokens=100 * 128 * 127, first_step_lr='scheduled',
-                            final_tokens=230 * N_DOCS * 127, precision='auto', batching='stratified')
+    assert pretrain == dict(faithful_pretrain, max_epochs=150, warmup_tokens=100 * 128 * 127, first_step_lr='scheduled',
+                            final_tokens=150 * N_DOCS * 127, precision='auto', batching='stratified',
+                            optimizer='muon', lr_floor=0.0)
     assert 'first_step_lr' not in faithful_pretrain  # the original: the trainer's default, 'full'
     for function_args, changed in ((['--finetune_corpus_path', 'f'], {}),
                                    (['--finetune_corpus_path', 'f', '--reading_params_path', 'r'],
-                                    dict(final_tokens=10 * N_DOCS * 127))):  # its cosine ends with the run
+                                    dict(max_epochs=5, final_tokens=5 * N_DOCS * 127))):  # a cosine ending with it
         argv = ['finetune', 'vanilla', 'wiki.txt', '--writing_params_path', 'p'] + function_args
         _, faithful = settings(argv)
         assert settings(argv + ['--recipe', 'laptop'])[1] == dict(faithful, precision='auto', **changed)
@@ -57,15 +58,16 @@ def test_laptop_recipe_pretrains_the_synthesizer_longer_on_random_batches_and_fi
     synth_model, synth = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p',
                                    '--recipe', 'laptop'])
     assert synth_model == vanilla_model
-    assert synth == dict(vanilla, max_epochs=320, final_tokens=320 * N_DOCS * 127, batching='random')
+    adamw = {k: v for k, v in vanilla.items() if k not in ('optimizer', 'lr_floor')}  # vanilla's Muon, not its
+    assert synth == dict(adamw, max_epochs=320, final_tokens=320 * N_DOCS * 127, batching='random')
     _, shorter = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p', '--recipe', 'laptop',
-                           '--max_epochs', '230'])
-    assert shorter == dict(vanilla, batching='random')  # its batches stay random, not stratified
+                           '--max_epochs', '120'])
+    assert shorter == dict(adamw, batching='random')  # its batches stay random, not stratified
     argv = ['finetune', '{}', 'wiki.txt', '--writing_params_path', 'p', '--finetune_corpus_path', 'f',
             '--reading_params_path', 'r', '--recipe', 'laptop']
     _, vanilla_after = settings([a.format('vanilla') for a in argv])
     _, synth_after = settings([a.format('synthesizer') for a in argv])
-    assert synth_after == dict(vanilla_after, final_tokens=200 * N_DOCS * 128)  # the faithful rate, not the cosine
+    assert synth_after == dict(vanilla_after, max_epochs=10, final_tokens=200 * N_DOCS * 128)  # the faithful rate
     _, faithful_synth = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p'])
     assert faithful_synth['max_epochs'] == 650
 
@@ -83,7 +85,7 @@ def test_laptop_finetuning_of_a_pretrained_model_ends_its_cosine_with_the_run():
                 '--recipe', 'laptop']
     after = run.settings_for(run.build_parser().parse_args(finetune + ['--reading_params_path', 'r']), N_DOCS,
                              CPU, n_examples=2000)[1]
-    assert after['max_epochs'] == 10 and after['final_tokens'] == 10 * 2000 * 127
+    assert after['max_epochs'] == 5 and after['final_tokens'] == 5 * 2000 * 127
     shorter = run.settings_for(run.build_parser().parse_args(finetune + ['--reading_params_path', 'r',
                                                                          '--max_epochs', '4']), N_DOCS, CPU, 2000)[1]
     assert shorter['final_tokens'] == 4 * 2000 * 127
@@ -101,7 +103,7 @@ def test_a_laptop_finetuning_counts_the_examples_of_its_own_file(tmp_path, capsy
                            '--writing_params_path', tmp_path / 'ft.params', '--finetune_corpus_path', tsv] + TINY,
                           capsys)
     assert code == 0, err
-    assert f' final_tokens={10 * 37 * 127} ' in out
+    assert f' final_tokens={5 * 37 * 127} ' in out
 
 
 def test_overrides_touch_only_their_setting():
