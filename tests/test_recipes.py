@@ -61,7 +61,7 @@ def test_laptop_recipe_pretrains_the_synthesizer_longer_on_random_batches_and_fi
     adamw = {k: v for k, v in vanilla.items() if k not in ('optimizer', 'lr_floor')}  # vanilla's Muon, not its
     assert synth == dict(adamw, max_epochs=320, final_tokens=320 * N_DOCS * 127, batching='random')
     _, shorter = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p', '--recipe', 'laptop',
-                           '--max_epochs', '120'])
+                           '--max_epochs', '150'])
     assert shorter == dict(adamw, batching='random')  # its batches stay random, not stratified
     argv = ['finetune', '{}', 'wiki.txt', '--writing_params_path', 'p', '--finetune_corpus_path', 'f',
             '--reading_params_path', 'r', '--recipe', 'laptop']
