@@ -46,9 +46,10 @@ def orthogonalized(matrix, steps=5):
 
     A quintic Newton-Schulz iteration (the coefficients of Jordan et al.'s
     Muon) on the matrix scaled to spectral norm at most 1: it maps each
-    singular value s to a x + b x^3 + c x^5 repeatedly, which drives every s
-    above about 1e-3 into roughly [0.7, 1.2] in five steps. Only matrix
-    products, no SVD.
+    singular value x to a x + b x^3 + c x^5 repeatedly. In five steps a
+    128 x 512 matrix whose singular values spread down to 1% of the largest
+    ends with all of them in about [0.68, 1.21]; smaller ones stay smaller.
+    Only matrix products, no SVD.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = matrix / (matrix.norm() + 1e-7)  # the Frobenius norm bounds the spectral norm
