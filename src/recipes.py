@@ -79,7 +79,8 @@ models fit the finetuning pairs sooner, so that 5 epochs scored higher
 than 10 (12.8% dev over three seeds against 11.2%; AdamW's 230 epochs
 9.8% on the same CPU; docs/recipes.md). The other variants keep AdamW: the synthesizer for 320
 epochs (it learns more slowly per step: at 230 it scored 3.8-4.4% dev, at
-320 4.6-6.4%), the perceiver and rope for 230. The cosine ends with the
+320 4.6-6.4%; Muon, at 150 or 200 epochs, reached its loss or lower and scored
+2.8-4.8%), the perceiver and rope for 230. The cosine ends with the
 run, --max_epochs included; with AdamW, like the original's, it stops
 falling at 10% of the peak rate, 80% of the way through. A warmup over
 100 batches starts at the first step: a first step at the full rate, as
