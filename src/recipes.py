@@ -71,27 +71,21 @@ LAPTOP = {
 """A recipe sized for a 2-core CPU (EXPERIMENTS.md has the runs behind it).
 
 A narrower, dropout-free model (width 128, 4 heads). Vanilla pretrains for
-150 epochs with Muon (`optimizer='muon'`, optim.py: orthogonalized momentum
-for the hidden matrices, AdamW for the rest, at the same rate) and a
-cosine that falls to zero, then finetunes for 5 epochs: its 150 epochs
-end below AdamW's 230-epoch loss at 1.09x the cost of a step, and its
-models fit the finetuning pairs sooner, so that 5 epochs scored higher
-than 10 (12.8% dev over three seeds against 11.2%; AdamW's 230 epochs
-9.8% on the same CPU; docs/recipes.md). The other variants keep AdamW: the synthesizer for 320
-epochs (it learns more slowly per step: at 230 it scored 3.8-4.4% dev, at
-320 4.6-6.4%; Muon, at 150 or 200 epochs, reached its loss or lower and scored
-2.8-4.8%), the perceiver and rope for 230. The cosine ends with the
-run, --max_epochs included; with AdamW, like the original's, it stops
-falling at 10% of the peak rate, 80% of the way through. A warmup over
-100 batches starts at the first step: a first step at the full rate, as
-the original takes it, holds this model's loss 0.1-0.3 higher over its
-first 1,000 steps. Pretraining batches are stratified by length
-(batching.py): every epoch holds the same examples, dealt so that each
-piece of a batch holds rows of like length; less padding, 17% less CPU
-time at equal loss. Not for the synthesizer: at about the same loss its
-three stratified seeds scored 3.8-4.0% dev and its three random-batch
-seeds 4.6-6.4%, so it keeps random batches. Weight decay stays the
-faithful 0.1.
+150 epochs with Muon (optim.py: orthogonalized momentum for the hidden
+matrices, AdamW for the rest, at one rate) and a cosine falling to zero,
+then finetunes for 5 epochs: it ends below AdamW's 230-epoch loss at 1.09x
+the cost of a step and scored 12.8% dev against AdamW's 9.8% on the same
+CPU. The others keep AdamW, whose cosine stops at 10% of the peak rate 80%
+of the way through, as the original's: the synthesizer for 320 epochs (it
+learns more slowly per step; with Muon it reached as low a loss or lower and scored
+less), the perceiver and rope for 230. Each pretraining cosine ends with the run,
+--max_epochs included. A warmup over 100 batches starts at the first
+step: a first step at the full rate, as the original takes it, holds this
+model's loss 0.1-0.3 higher over its first 1,000 steps. Pretraining
+batches are stratified by length (batching.py), for 17% less CPU time at
+equal loss; the synthesizer's stay random (its stratified seeds scored
+3.8-4.0% dev, its random ones 4.6-6.4%). Weight decay stays the faithful
+0.1; docs/recipes.md has every run behind these choices.
 Finetuning is the faithful one, except that vanilla's and rope's cosine
 ends with their run after pretraining: the faithful rate hardly falls in
 80 steps, and the model it leaves depends on the order of its last

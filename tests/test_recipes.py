@@ -58,7 +58,7 @@ def test_laptop_recipe_pretrains_the_synthesizer_longer_on_random_batches_and_fi
     synth_model, synth = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p',
                                    '--recipe', 'laptop'])
     assert synth_model == vanilla_model
-    adamw = {k: v for k, v in vanilla.items() if k not in ('optimizer', 'lr_floor')}  # vanilla's Muon, not its
+    adamw = {k: v for k, v in vanilla.items() if k not in ('optimizer', 'lr_floor')}  # vanilla's, less Muon and floor
     assert synth == dict(adamw, max_epochs=320, final_tokens=320 * N_DOCS * 127, batching='random')
     _, shorter = settings(['pretrain', 'synthesizer', 'wiki.txt', '--writing_params_path', 'p', '--recipe', 'laptop',
                            '--max_epochs', '150'])
